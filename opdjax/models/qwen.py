@@ -1,0 +1,362 @@
+"""Qwen3 / Qwen2 / Qwen2.5 decoder as pure functions of a params pytree.
+
+    params = {"embed": [V, D], "final_norm": [D], ("lm_head": [V, D] if untied),
+              "layers": {name: [L, ...]}}            (layers stacked, run with lax.scan)
+
+One code path serves the full forward, prefill and decode: `apply` takes T new tokens and an
+optional fixed-size KV cache. Without a cache the keys are the new tokens themselves; with one,
+the new keys/values are written at slots [index, index+T) and the queries attend to every
+valid slot at or before their own. Per-row positions come from the padding mask, so left- and
+right-padded rows give the same logits as the unpadded row.
+
+Precision: weights and the residual stream stay in the params' dtype (as transformers does);
+RMSNorm statistics, RoPE tables, attention softmax and the logits are float32.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opdjax.models.config import ModelConfig, RopeConfig
+from opdjax.sharding import ShardingPlan, constrain
+
+Params = dict[str, Any]
+
+# Logical axis names of every parameter (see opdjax.sharding for the rules table).
+LAYER_AXES = {
+    "attn_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "q": ("layers", "embed", "heads", "head_dim"),
+    "k": ("layers", "embed", "kv_heads", "head_dim"),
+    "v": ("layers", "embed", "kv_heads", "head_dim"),
+    "o": ("layers", "heads", "head_dim", "embed"),
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o_bias": ("layers", "norm"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "gate": ("layers", "embed", "mlp"),
+    "up": ("layers", "embed", "mlp"),
+    "down": ("layers", "mlp", "embed"),
+}
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter, as a pytree of tuples (the one place the layout is defined)."""
+    L, D, F, H, K, hd, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    layers = {
+        "attn_norm": (L, D), "mlp_norm": (L, D),
+        "q": (L, D, H, hd), "k": (L, D, K, hd), "v": (L, D, K, hd), "o": (L, H, hd, D),
+        "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(q_bias=(L, H, hd), k_bias=(L, K, hd), v_bias=(L, K, hd))
+    if cfg.o_bias:
+        layers["o_bias"] = (L, D)
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+    shapes: Params = {"embed": (V, D), "final_norm": (D,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (V, D)
+    return shapes
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter, same structure as `param_shapes`."""
+    layers = {k: LAYER_AXES[k] for k in param_shapes(cfg)["layers"]}
+    axes: Params = {"embed": ("vocab", "embed"), "final_norm": ("norm",), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("vocab", "embed")
+    return axes
+
+
+def abstract_params(cfg: ModelConfig, dtype=None) -> Params:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=_is_shape)
+
+
+def param_shardings(cfg: ModelConfig, plan: ShardingPlan) -> Params:
+    return jax.tree.map(lambda names, s: plan.sharding(names, s), param_axes(cfg), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=None, std: float = 0.02) -> Params:
+    """Random params (normal(0, std) weights, unit norms, zero biases) for tests and toy models."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        elif "bias" in path:
+            out.append((std * jax.random.normal(k, shape)).astype(dtype))  # nonzero: tests must see them
+        else:
+            out.append((std * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------- cache
+class KVCache(NamedTuple):
+    """Fixed-size KV cache. All rows write at the same slot `index`; rows differ by which slots
+    are `valid` (padding is never valid) and by their own next position."""
+    k: jax.Array  # [L, B, S, K, hd]
+    v: jax.Array  # [L, B, S, K, hd]
+    valid: jax.Array  # [B, S] bool: slot holds a real token
+    index: jax.Array  # [] int32: next slot to write
+    next_pos: jax.Array  # [B] int32: position of each row's next real token
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
+                   jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def cache_axes() -> KVCache:
+    return KVCache(CACHE_AXES, CACHE_AXES, ("batch", "cache_length"), (), ("batch",))
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Statistics in float32, result back in x's dtype before the weight (transformers' order).
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim/2] (float32) and the cos/sin scale, per rope_type,
+    following transformers' definitions of default, linear, yarn and llama3 RoPE."""
+    dim = head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    pos_freqs = np.float32(rope.theta) ** exponents
+    inv = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    scale = 1.0
+    if rope.rope_type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        inv_l = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * inv_l / rope.factor + smooth * inv_l
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, inv_l).astype(np.float32)
+    elif rope.rope_type == "yarn":
+        inv, scale = _yarn(dim, rope, pos_freqs)
+    return inv.astype(np.float32), float(scale)
+
+
+def _yarn(dim: int, rope: RopeConfig, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+    factor, base = rope.factor, rope.theta
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
+
+    if rope.attention_factor is not None:
+        scale = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
+        scale = float(get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim))
+    else:
+        scale = get_mscale(factor)
+
+    def correction_dim(rot):
+        return (dim * np.log(rope.original_max_position_embeddings / (rot * 2 * np.pi))) / (2 * np.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv_extra = np.float32(1.0) / pos_freqs
+    inv_inter = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    return (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32), scale
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    inv, scale = rope_inverse_frequencies(cfg.head_dim, cfg.rope)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, hd]; rotate-half convention (first half pairs with second half)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def positions_from_mask(mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
+    """Position of each real token counting only real tokens of its row (padding gets the
+    position of the previous real token, which is harmless: it is never attended to)."""
+    pos = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+# ---------------------------------------------------------------------------------------- layers
+def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: ModelConfig, plan):
+    B, T, _ = x.shape
+    K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    q = jnp.einsum("btd,dhk->bthk", x, lp["q"])
+    k = jnp.einsum("btd,dhk->bthk", x, lp["k"])
+    v = jnp.einsum("btd,dhk->bthk", x, lp["v"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(plan, q, ("batch", "length", "act_heads", "head_dim"))
+
+    if layer_cache is None:
+        keys, values, new_cache = k, v, None
+    else:
+        ck, cv = layer_cache
+        keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        new_cache = (keys, values)
+    S = keys.shape[1]
+
+    # Grouped-query attention without repeating K/V: query head h = kv_head * G + g.
+    qg = q.reshape(B, T, K, G, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slots[None, :, None])  # [B,T,S]
+    # A finite floor instead of -inf: fully masked rows (padding queries) stay finite.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, K * G, hd)
+    out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
+    y = jnp.einsum("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
+    if cfg.o_bias:
+        y = y + lp["o_bias"]
+    return y, new_cache
+
+
+def _mlp(x, lp, plan):
+    gate = jnp.einsum("btd,df->btf", x, lp["gate"])
+    up = jnp.einsum("btd,df->btf", x, lp["up"])
+    h = constrain(plan, jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", h, lp["down"])
+
+
+def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan):
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    attn, new_cache = _attention(h, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan)
+    x = x + attn
+    x = x + _mlp(rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), lp, plan)
+    return constrain(plan, x, ("batch", "length", "act_embed")), new_cache
+
+
+# ---------------------------------------------------------------------------------------- model
+def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
+          positions: jax.Array | None = None, cache: KVCache | None = None,
+          plan: ShardingPlan | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Final normed hidden states [B, T, D] for T new tokens, and the updated cache.
+
+    tokens: [B, T] int; mask: [B, T] bool (False = padding), default all True;
+    positions: [B, T] int, default counted from the mask (continuing from the cache).
+    """
+    B, T = tokens.shape
+    mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+    if cache is None:
+        index = jnp.zeros((), jnp.int32)
+        key_valid = mask
+        start = None
+    else:
+        index = cache.index
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+        start = cache.next_pos
+    if positions is None:
+        positions = positions_from_mask(mask, start)
+    q_slots = index + jnp.arange(T)
+    cos, sin = rope_tables(positions, cfg)
+
+    x = jnp.take(params["embed"], tokens, axis=0)
+    x = constrain(plan, x, ("batch", "length", "act_embed"))
+
+    def body(x, scanned):
+        lp, layer_cache = scanned
+        return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan)
+
+    layer_caches = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches))
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(new_kv[0], new_kv[1], key_valid, index + T,
+                            cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
+    return x, new_cache
+
+
+def unembedding(params: Params) -> jax.Array:
+    """[V, D] output embedding (the input embedding when tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array, plan: ShardingPlan | None = None) -> jax.Array:
+    """float32 logits [..., V]; accumulate in float32 whatever the params' dtype."""
+    logits = jnp.einsum("...d,vd->...v", hidden, unembedding(params), preferred_element_type=jnp.float32)
+    if plan is not None and logits.ndim == 3:
+        logits = plan.constrain(logits, ("batch", "length", "act_vocab"))
+    return logits
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask=None, positions=None,
+            cache: KVCache | None = None, plan: ShardingPlan | None = None):
+    """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+    hidden, cache = apply(params, tokens, cfg, mask=mask, positions=positions, cache=cache, plan=plan)
+    return logits_from_hidden(params, hidden, plan), cache
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def jit_forward(cfg: ModelConfig, plan: ShardingPlan | None = None):
+    """`fn(params, tokens, mask) -> logits` jitted with explicit NamedShardings on the plan's mesh
+    (params by the logical rules, tokens by batch, logits by batch and vocab)."""
+    if plan is None:
+        return jax.jit(lambda params, tokens, mask: forward(params, tokens, cfg, mask=mask)[0])
+    batch_axes = plan.spec(("batch",))[0]
+    batch_shards = int(np.prod([plan.mesh.shape[a] for a in _axes_tuple(batch_axes)]))
+    fn = jax.jit(
+        lambda params, tokens, mask: forward(params, tokens, cfg, mask=mask, plan=plan)[0],
+        in_shardings=(param_shardings(cfg, plan), plan.sharding(("batch", "length")),
+                      plan.sharding(("batch", "length"))),
+        out_shardings=plan.sharding(("batch", "length", "act_vocab"), (batch_shards, 1, cfg.vocab_size)),
+    )
+
+    def checked(params, tokens, mask):
+        if tokens.shape[0] % batch_shards:
+            raise ValueError(
+                f"batch size {tokens.shape[0]} is not divisible by the {batch_shards} batch shards of "
+                f"mesh {dict(plan.mesh.shape)} (data x fsdp); pad the batch or change mesh.shape."
+            )
+        return fn(params, tokens, mask)
+
+    return checked
+
+
+def _axes_tuple(a) -> tuple:
+    return () if a is None else (a,) if isinstance(a, str) else tuple(a)

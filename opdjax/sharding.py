@@ -1,0 +1,192 @@
+"""Device mesh and logical-axis sharding (MaxText style).
+
+Arrays are described by *logical* axis names ("embed", "heads", "batch", ...). One rules table
+maps each logical name to mesh axes ("data", "fsdp", "tensor"), so moving from one CPU to a
+v5p pod changes the mesh shape and perhaps the table, never the model.
+
+A `ShardingPlan` (mesh + rules) is hashable, so jitted functions take it as a static argument
+and call `plan.constrain(x, names)` on activations; `plan=None` means single-device, no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+class ShardingError(ValueError):
+    """A mesh or sharding request that cannot work; the message names the field and the fix."""
+
+
+def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = "mesh.shape") -> tuple[int, ...]:
+    """Resolve a (data, fsdp, tensor) shape against the device count; one entry may be -1."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ShardingError(f"{field}={shape} must have {len(MESH_AXES)} entries, for axes {MESH_AXES}.")
+    if sum(s == -1 for s in shape) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ShardingError(f"{field}={shape}: entries must be positive, with at most one -1 (fill).")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ShardingError(
+                f"{field}={shape}: the fixed axes multiply to {known}, which does not divide the "
+                f"{num_devices} devices; choose sizes whose product divides {num_devices}."
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ShardingError(
+            f"{field}={shape} ({dict(zip(MESH_AXES, shape))}) needs {math.prod(shape)} devices but "
+            f"{num_devices} are present ({jax.devices()[0].platform}); make the product equal "
+            f"{num_devices}, or put -1 on one axis to fill it."
+        )
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (all hosts' devices under multi-host).
+
+    Axis types are Auto (classic GSPMD): the compiler propagates shardings and
+    `with_sharding_constraint` works inside jit. `jax.make_mesh` lays devices out along the
+    physical topology on TPU.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape_from_config(shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join a multi-host job (TPU pod slice, multi-node GPU) when the environment says there is one.
+
+    On a TPU VM pod every worker runs the same command; `jax.distributed.initialize()` finds the
+    coordinator from the TPU metadata. On one host it is skipped. Must run before any other JAX call.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    multi = (
+        os.environ.get("OPDJAX_MULTIHOST") == "1"
+        or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+        or "JAX_COORDINATOR_ADDRESS" in os.environ
+    )
+    if multi:
+        jax.distributed.initialize()
+        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return multi
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    mesh: Mesh
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        names = [n for n, _ in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ShardingError(f"sharding rules name {sorted(dup)} more than once; keep one rule per logical axis.")
+        for name, axes in self.rules:
+            for a in _as_tuple(axes):
+                if a not in self.mesh.axis_names:
+                    raise ShardingError(
+                        f"sharding rule {name!r} -> {axes!r} names mesh axis {a!r}; the mesh has {self.mesh.axis_names}."
+                    )
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
+        """PartitionSpec for an array with these logical axis names.
+
+        A mesh axis is used at most once per array (first logical axis wins), and a dimension
+        that its mesh axes do not divide is replicated instead (e.g. 2 KV heads on tensor=4):
+        correct, just less sharded, and logged once.
+        """
+        table = dict(self.rules)
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(names):
+            if name is None:
+                out.append(None)
+                continue
+            if name not in table:
+                raise ShardingError(f"logical axis {name!r} has no sharding rule; add it to the rules table.")
+            axes = tuple(a for a in _as_tuple(table[name]) if a not in used and self.mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = math.prod(self.mesh.shape[a] for a in axes)
+                if shape[i] % size:
+                    _log_once(f"dim {i} ({name}={shape[i]}) not divisible by mesh axes {axes} (size {size}): replicated")
+                    axes = ()
+            used.update(axes)
+            out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*out)
+
+    def sharding(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, shape))
+
+    def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+    def tree_shardings(self, axes_tree, shapes_tree):
+        """NamedShardings for a pytree of logical-axis tuples and a matching pytree of shapes."""
+        return jax.tree.map(lambda names, s: self.sharding(names, s.shape), axes_tree, shapes_tree,
+                            is_leaf=_is_axes)
+
+
+def constrain(plan: ShardingPlan | None, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Annotate an activation; a no-op without a plan (single device)."""
+    return x if plan is None else plan.constrain(x, names)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info("sharding: %s", msg)
+
+
+def put_global_batch(plan: ShardingPlan | None, host_array: np.ndarray, names: Iterable[str | None]) -> jax.Array:
+    """Place a batch that every process holds in full (small test batches, tokens) on the mesh."""
+    if plan is None:
+        return jax.device_put(host_array)
+    sharding = plan.sharding(tuple(names), host_array.shape)
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])

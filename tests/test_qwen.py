@@ -1,0 +1,131 @@
+"""opdjax.models.qwen against transformers' PyTorch Qwen3/Qwen2 (the independent oracle)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_oracle import VOCAB, hf_logits, make_hf_model
+from opdjax.models import hf_io, qwen
+
+forward = jax.jit(qwen.forward, static_argnames=("cfg", "plan"))
+
+SHAPES = {
+    # name: (model_type, kwargs) — GQA ratios 1/2/4, tied/untied, head_dim != hidden/heads,
+    # bias on/off, rope theta and scaled ropes
+    "qwen3_gqa2_untied": ("qwen3", dict(heads=4, kv_heads=2)),
+    "qwen3_mha_tied": ("qwen3", dict(heads=4, kv_heads=4, tied=True)),
+    "qwen3_gqa4_headdim24_bias": ("qwen3", dict(heads=8, kv_heads=2, head_dim=24, bias=True)),
+    "qwen3_theta1e6_yarn": ("qwen3", dict(heads=4, kv_heads=1, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32))),
+    "qwen3_linear_rope": ("qwen3", dict(rope_parameters=dict(rope_type="linear", rope_theta=5e4, factor=2.0))),
+    "qwen3_llama3_rope": ("qwen3", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2_gqa2_tied_bias": ("qwen2", dict(heads=4, kv_heads=2, tied=True)),
+    "qwen2_gqa4_untied": ("qwen2", dict(heads=8, kv_heads=2, hidden=64)),
+}
+
+
+def load(tmp_path, model_type, kw, dtype=None):
+    model = make_hf_model(model_type, **kw)
+    model.save_pretrained(tmp_path)
+    params, cfg = hf_io.load_pretrained(str(tmp_path), dtype=dtype)
+    return model, params, cfg
+
+
+def tokens(shape, seed=0):
+    return np.random.RandomState(seed).randint(3, VOCAB, shape)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_logits_match_transformers_fp32(tmp_path, name):
+    model_type, kw = SHAPES[name]
+    model, params, cfg = load(tmp_path, model_type, kw)
+    toks = tokens((2, 80))  # longer than original_max_position_embeddings: scaled ropes matter
+    ours, _ = forward(params, jnp.asarray(toks), cfg)
+    assert ours.dtype == jnp.float32
+    assert np.abs(np.asarray(ours) - hf_logits(model, toks)).max() <= 1e-4
+
+
+def test_bf16_params_within_stated_bound(tmp_path):
+    """bf16 params and activations vs the float32 reference: logits within 0.08 absolute (the
+    logits here have std ~1; bf16 has 8 bits of mantissa, errors add up over 2 layers)."""
+    model, params, cfg = load(tmp_path, "qwen3", SHAPES["qwen3_gqa2_untied"][1], dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    toks = tokens((2, 40))
+    ours, _ = forward(params, jnp.asarray(toks), cfg)
+    assert ours.dtype == jnp.float32
+    ref = hf_logits(model, toks)
+    err = np.abs(np.asarray(ours) - ref).max()
+    assert err <= 0.08, err
+    assert np.mean(np.argmax(ours, -1) == np.argmax(ref, -1)) > 0.9
+
+
+def _pad(rows, width, left):
+    toks = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        toks[i, sl], mask[i, sl] = r, True
+    return toks, mask
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_padded_rows_equal_unpadded_rows(tmp_path, left):
+    model, params, cfg = load(tmp_path, "qwen3", SHAPES["qwen3_gqa4_headdim24_bias"][1])
+    rows = [tokens((n,), seed=n)[:n] for n in (5, 17, 12)]
+    toks, mask = _pad(rows, 20, left)
+    ours, _ = forward(params, jnp.asarray(toks), cfg, mask=jnp.asarray(mask))
+    for i, r in enumerate(rows):
+        ref = hf_logits(model, r[None])[0]
+        got = np.asarray(ours[i])[mask[i]]
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen3_gqa2_untied", "qwen2_gqa2_tied_bias"])
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_kv_cache_decode_equals_full_forward(tmp_path, name, left):
+    """Prefill prompts of different lengths (padded), then decode token by token: each step's
+    logits equal the full forward over the row's real tokens."""
+    model_type, kw = SHAPES[name]
+    _, params, cfg = load(tmp_path, model_type, kw)
+    prompts = [tokens((n,), seed=n) for n in (3, 9, 6)]
+    toks, mask = _pad(prompts, 9, left)
+    cont = tokens((3, 7), seed=99)
+    cache = qwen.init_cache(cfg, batch=3, size=16)
+    prefill_logits, cache = forward(params, jnp.asarray(toks), cfg, mask=jnp.asarray(mask), cache=cache)
+    step_logits = []
+    for t in range(cont.shape[1]):
+        lg, cache = forward(params, jnp.asarray(cont[:, t:t + 1]), cfg, cache=cache)
+        step_logits.append(np.asarray(lg[:, 0]))
+    assert int(cache.index) == 16
+    for i, p in enumerate(prompts):
+        full = np.concatenate([p, cont[i]])
+        ref, _ = forward(params, jnp.asarray(full[None]), cfg)
+        ref = np.asarray(ref[0])
+        np.testing.assert_allclose(np.asarray(prefill_logits[i])[mask[i]], ref[:len(p)], atol=1e-5)
+        np.testing.assert_allclose(np.stack([s[i] for s in step_logits]), ref[len(p):], atol=1e-5)
+
+
+def test_explicit_positions_override(tmp_path):
+    """Positions given by the caller are used (here: an offset shifts every row the same way
+    a prefix would for RoPE), and equal what transformers computes with position_ids."""
+    model, params, cfg = load(tmp_path, "qwen3", SHAPES["qwen3_gqa2_untied"][1])
+    toks = tokens((1, 10))
+    pos = np.arange(10)[None] + 7
+    ours, _ = forward(params, jnp.asarray(toks), cfg, positions=jnp.asarray(pos))
+    ref = hf_logits(model, toks, position_ids=pos)
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+
+
+def test_init_params_shapes_and_axes_agree():
+    from opdjax.models.config import ModelConfig
+    cfg = ModelConfig("qwen2", vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=4, qk_norm=False, qkv_bias=True)
+    params = qwen.init_params(cfg, jax.random.key(0))
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    assert shapes == qwen.param_shapes(cfg)
+    axes = qwen.param_axes(cfg)
+    jax.tree.map(lambda a, s: len(a) == len(s) or pytest.fail(f"{a} vs {s}"), axes, qwen.param_shapes(cfg),
+                 is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
