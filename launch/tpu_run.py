@@ -1,0 +1,34 @@
+"""The one entry point: `python launch/tpu_run.py --config configs/<name>.py [--config.a.b=value ...]`.
+
+Same command on a laptop CPU, a GPU, or every worker of a TPU VM pod slice (where it first
+joins the multi-host job with jax.distributed.initialize()). The config file's `job` field
+picks what runs (opdjax.jobs).
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (get_config()).",
+                                          lock_config=True)
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    from opdjax import jobs, sharding
+
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config configs/<name>.py is required")
+    sharding.maybe_initialize_distributed()  # before any other JAX call
+    jobs.get_job(config.job)(config)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,15 @@
+"""Registry: config.job -> the function that runs it. A new kind of job is a new entry here."""
+from __future__ import annotations
+
+import importlib
+
+JOBS = {
+    "smoke": "opdjax.smoke:run",
+}
+
+
+def get_job(name: str):
+    if name not in JOBS:
+        raise ValueError(f"config.job={name!r} is unknown; known jobs: {', '.join(sorted(JOBS))}.")
+    module, fn = JOBS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
