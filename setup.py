@@ -32,6 +32,9 @@ TEST = [
     # PyTorch is only a test oracle (transformers' reference Qwen models). The pin matters:
     # an unpinned torch pulls a multi-GB CUDA build; 2.13.0 has a CPU wheel on our machines.
     "torch==2.13.0",
+    # transformers needs accelerate to load a GGUF file (our GGUF oracle); it depends on torch,
+    # so it lives here beside the torch pin, never in the runtime set.
+    "accelerate==1.15.0",
 ]
 
 setup(

@@ -89,20 +89,30 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
 def maybe_initialize_distributed() -> bool:
     """Join a multi-host job (TPU pod slice, multi-node GPU) when the environment says there is one.
 
-    On a TPU VM pod every worker runs the same command; `jax.distributed.initialize()` finds the
-    coordinator from the TPU metadata. On one host it is skipped. Must run before any other JAX call.
+    On a TPU VM pod every worker runs the same command and `jax.distributed.initialize()` finds
+    the coordinator from the TPU metadata (under Slurm / Open MPI, set OPDJAX_MULTIHOST=1). Or set
+    JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+    On one host nothing happens. Must run before any other JAX call.
     """
     if jax.distributed.is_initialized():
         return True
-    multi = (
-        os.environ.get("OPDJAX_MULTIHOST") == "1"
-        or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-        or "JAX_COORDINATOR_ADDRESS" in os.environ
-    )
-    if multi:
+    env = os.environ
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    explicit = "JAX_COORDINATOR_ADDRESS" in env
+    # Slurm / Open MPI jobs are auto-detected by JAX once asked to: OPDJAX_MULTIHOST=1.
+    if not (tpu_pod or explicit or env.get("OPDJAX_MULTIHOST") == "1"):
+        return False
+    if explicit:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise ShardingError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all "
+                                "three on every process (or unset it on a single host).")
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
+    else:
         jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return multi
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

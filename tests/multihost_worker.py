@@ -49,6 +49,8 @@ def main(process_id: int, port: int, workdir: str) -> None:
 
     assert jax.process_count() == 2 and jax.process_index() == process_id
     assert jax.local_device_count() == 4 and jax.device_count() == 8, jax.devices()
+    # the CPU backend now exists, and made its gloo collectives through on_loopback
+    assert GLOO_HOSTNAMES == ["127.0.0.1"], "jax made its CPU collectives some other way"
     assert sharding.maybe_initialize_distributed()  # opdjax sees the job it is in
     say(f"joined: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} "
         f"local / {jax.device_count()} global devices; jax {jax.__version__}, "
@@ -145,8 +147,15 @@ def _gloo_on_loopback() -> None:
     from jax._src.lib import _jax
 
     make = _jax.make_gloo_tcp_collectives
-    _jax.make_gloo_tcp_collectives = lambda distributed_client, **_: make(
-        distributed_client=distributed_client, hostname="127.0.0.1")
+
+    def on_loopback(distributed_client, **_):
+        GLOO_HOSTNAMES.append("127.0.0.1")
+        return make(distributed_client=distributed_client, hostname="127.0.0.1")
+
+    _jax.make_gloo_tcp_collectives = on_loopback
+
+
+GLOO_HOSTNAMES: list[str] = []
 
 
 if __name__ == "__main__":

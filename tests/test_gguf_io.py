@@ -1,19 +1,15 @@
 """GGUF loading: tiny GGUF files written here from random transformers models (with F32, F16 and
 Q8_0 tensors and a real BPE tokenizer), read by us and, independently, by transformers' own GGUF
 loader, which is the oracle for names, layouts, config and tokenizer."""
-import contextlib
 import json
 import os
-from unittest import mock
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers.modeling_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import is_accelerate_available
 
 from hf_oracle import hf_logits, make_hf_model
 from opdjax import sharding
@@ -78,7 +74,8 @@ def write_gguf(path, model, tok, *, arch=None, drop_keys=(), extra_tensors=(), m
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     for key, value in (metadata or {}).items():  # extra keys, or overrides of the ones above
-        (w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
+        add = w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float) else w.add_uint32
+        add(key, value)
     token_list, types, merges = gguf_tokenizer_metadata(tok)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -118,18 +115,12 @@ def write_gguf(path, model, tok, *, arch=None, drop_keys=(), extra_tensors=(), m
 
 def transformers_from_gguf(path, cfg):
     """transformers' model from the same GGUF file: its own metadata parsing, name mapping and
-    dequantization. Two workarounds, both for transformers, neither touching the weights:
-    - `from_pretrained(gguf_file=...)` refuses to run without `accelerate` installed, but the
-      qwen2/qwen3 path (modeling_gguf_pytorch_utils.load_gguf_checkpoint) never uses it, and
-      accelerate is not one of our test pins.
-    - its qwen3 metadata map has no `attention.key_length`, so head_dim falls back to
-      Qwen3Config's default 128 (right for every released Qwen3, wrong for a tiny one); pass it."""
+    dequantization (it needs `accelerate`, a test pin). One workaround, not touching the
+    weights: its qwen3 metadata map has no `attention.key_length`, so head_dim falls back to
+    Qwen3Config's default 128 (right for every released Qwen3, wrong for a tiny one); pass it."""
     folder, name = os.path.split(path)
-    patch = (contextlib.nullcontext() if is_accelerate_available() else
-             mock.patch.object(transformers.modeling_utils, "is_accelerate_available", lambda: True))
     extra = {"head_dim": cfg.head_dim} if cfg.model_type == "qwen3" else {}
-    with patch:
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, **extra).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, **extra).eval()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +163,8 @@ def test_config_from_metadata(case):
     c = model.config
     cfg = gguf_io.config_from_gguf(path)
     assert cfg.model_type == c.model_type and cfg.vocab_size == VOCAB
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (c.hidden_size, c.intermediate_size, c.num_hidden_layers)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers)
     head_dim = CASES[c.model_type].get("head_dim", c.hidden_size // c.num_attention_heads)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (c.num_attention_heads, c.num_key_value_heads, head_dim)
     assert cfg.rope.theta == c.rope_parameters["rope_theta"] and cfg.rope.rope_type == "default"
@@ -207,6 +199,15 @@ def test_tokenizer_from_gguf(case, toy_tok):
     for text in TEXTS:
         assert tok.encode(text) == toy_tok.encode(text), text
     assert render_chat(tok, CHAT) == render_chat(toy_tok, CHAT)
+    assert tok.name_or_path == path
+
+
+def test_tokenizer_comes_from_the_gguf_not_its_neighbours(case, tmp_path):
+    """transformers would take a tokenizer.json beside the file over the file's own vocabulary."""
+    _, path = case
+    build_toy_tokenizer(tmp_path, vocab_size=300)
+    os.symlink(path, tmp_path / "model.gguf")
+    assert len(gguf_io.load_gguf_tokenizer(tmp_path / "model.gguf")) == VOCAB
 
 
 def test_sharded_load_dequantizes_each_tensor_once(case, monkeypatch):

@@ -61,7 +61,6 @@ def _run_workers(workdir) -> list[str]:
     def fail(why):
         text = "\n".join(f"----- worker {i} (rc={p.returncode}) stdout+stderr -----\n{t}"
                          for i, (p, t) in enumerate(zip(procs, read_logs())))
-        print(text, file=sys.stderr)
         pytest.fail(f"{why}\n{text}", pytrace=False)
 
     try:

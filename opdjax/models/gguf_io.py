@@ -17,9 +17,11 @@ from __future__ import annotations
 import collections
 import os
 import re
+import tempfile
 import time
 from typing import Any
 
+import gguf
 import numpy as np
 
 from opdjax.models import hf_io
@@ -53,8 +55,6 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 def _open(path_or_reader) -> tuple[Any, str]:
     """(GGUFReader, file path for messages)."""
-    import gguf
-
     if isinstance(path_or_reader, gguf.GGUFReader):
         return path_or_reader, str(getattr(path_or_reader.data, "filename", "<gguf>"))
     path = os.fspath(path_or_reader)
@@ -87,9 +87,11 @@ def _architecture(reader, path: str) -> str:
 class GGUFSource:
     """A GGUF file as HF-named float32 tensors, dequantized on demand.
 
-    The loader calls `get` for every device shard, and for a layer-stacked parameter it walks all
-    layers per shard, so dequantized tensors are kept in a small LRU cache bounded by
-    `cache_bytes` (the most recent tensor is always kept).
+    The loader calls `get` once per device shard, and for a layer-stacked parameter walks every
+    layer per shard, so dequantized tensors stay in an LRU cache of up to `cache_bytes` (the last
+    one always). 2 GiB holds every layer of the largest parameter of a ~1.5B model, so under a
+    sharding plan each tensor is dequantized once; for much larger models raise it, or each shard
+    dequantizes the layers again (correct, only slower).
     """
 
     def __init__(self, path_or_reader, cache_bytes: int = 2 * 2**30):
@@ -123,8 +125,6 @@ class GGUFSource:
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        import gguf
-
         t = self._tensors[name]
         array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         array = array.reshape(self.shape(name))
@@ -217,8 +217,12 @@ def load_gguf_tokenizer(path):
     from transformers import AutoTokenizer
 
     reader, path = _open(path)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                              gguf_file=os.path.basename(path), local_files_only=True)
+    # transformers prefers a tokenizer.json lying next to the GGUF over the GGUF's own vocabulary,
+    # silently; so it gets a directory holding nothing but (a link to) the file.
+    with tempfile.TemporaryDirectory() as folder:
+        os.symlink(os.path.abspath(path), os.path.join(folder, "model.gguf"))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="model.gguf", local_files_only=True)
+    tokenizer.name_or_path = path
     template = _metadata(reader, "tokenizer.chat_template", path, None)
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template

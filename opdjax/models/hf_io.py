@@ -226,7 +226,10 @@ def load_pretrained(ckpt_dir: str, plan: ShardingPlan | None = None, dtype=None)
 
 # ------------------------------------------------------------------------------------- export
 def hf_tensors(params: qwen.Params, cfg: ModelConfig, dtype=None) -> dict[str, LazyTensor]:
-    """HF-named tensors produced lazily, one layer at a time, from (possibly sharded) params."""
+    """HF-named tensors produced lazily, one layer at a time, from (possibly sharded) params.
+
+    Sorted by name: the order save_safetensors writes in, which under multi-host is also the
+    order of the collective gathers every process must run one for one."""
     out = {}
     for m in tensor_maps(cfg):
         leaf = _get(params, m.path)
@@ -236,7 +239,7 @@ def hf_tensors(params: qwen.Params, cfg: ModelConfig, dtype=None) -> dict[str, L
                 part = _to_host(leaf if i is None else leaf[i])
                 return np.ascontiguousarray(m.to_hf(part)).astype(np_dtype, copy=False)
             out[name] = LazyTensor(tuple(m.hf_shape), np_dtype, produce)
-    return out
+    return dict(sorted(out.items()))
 
 
 def _to_host(x) -> np.ndarray:
@@ -258,8 +261,8 @@ def save_pretrained(params: qwen.Params, cfg: ModelConfig, out_dir: str, *, toke
     leaf_dtype = jax.tree.leaves(params)[0].dtype
     hf_dtype = str(jnp.dtype(dtype or leaf_dtype))
     if jax.process_count() > 1 and jax.process_index() != 0:
-        for t in tensors.values():  # take part in the collectives, write nothing
-            t.produce()
+        for name in sorted(tensors):  # take part in the gathers, in process 0's order; write nothing
+            tensors[name].produce()
         return
     os.makedirs(out_dir, exist_ok=True)
     save_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
