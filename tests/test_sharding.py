@@ -73,3 +73,14 @@ def test_indivisible_batch_error(reference):
     toks, mask = _batch(b=6)
     with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 batch shards"):
         qwen.jit_forward(CFG, plan)(params, jnp.asarray(toks), jnp.asarray(mask))
+
+
+def test_distributed_init_needs_all_three_variables(monkeypatch):
+    for k in ("TPU_WORKER_HOSTNAMES", "OPDJAX_MULTIHOST", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert sharding.maybe_initialize_distributed() is False  # one host: nothing to join
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(sharding.ShardingError, match="JAX_PROCESS_ID is not"):
+        sharding.maybe_initialize_distributed()
