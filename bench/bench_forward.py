@@ -60,6 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count())")
     p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"),
                    help="transformers attn_implementation")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="time all of ours, then all of PyTorch (default: alternate run by run)")
+    p.add_argument("--gap", type=float, default=0.5,
+                   help="seconds of sleep before each timed run, so neither runtime's idle worker "
+                        "threads (XLA's pool, torch's OpenMP) still spin during the other's run")
     p.add_argument("--skip-torch", action="store_true", help="time only our forward")
     p.add_argument("--skip-peak", action="store_true", help="skip the dot peak (fractions then omitted)")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
@@ -81,15 +86,52 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------- timing
-def _median_time(fn, repeats: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes on this machine have spent busy (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _time_runners(runners: dict, repeats: int, warmup: int, interleave: bool, gap: float):
+    """Wall and process-CPU seconds of each runner. Interleaved (a, b, a, b, ...) by default so
+    that load from other processes on a shared machine hits every runner alike; also reports
+    how many cores *other* processes kept busy meanwhile (a warning sign for the numbers)."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {n: [] for n in runners}
+    cpu = {n: [] for n in runners}
+    order = ([n for _ in range(repeats) for n in runners] if interleave
+             else [n for n in runners for _ in range(repeats)])
+    busy0, own0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    for n in order:
+        time.sleep(gap)  # let the other runtime's spinning worker threads go to sleep
+        c0, t0 = time.process_time(), time.perf_counter()
+        runners[n]()
+        times[n].append(time.perf_counter() - t0)
+        cpu[n].append(time.process_time() - c0)
+    busy1, own1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    other = None
+    if busy0 is not None and busy1 is not None:  # the sleeps count: idle time is idle for everyone
+        other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+    times["_background"] = {"other_processes_busy_cores": other, "loadavg": _loadavg()}
+    if other is not None and other > 0.25:
+        print(f"WARNING: other processes kept {other:.2f} cores busy while timing "
+              f"(loadavg {_loadavg()}); medians are inflated, min is the better estimate", flush=True)
+    return times, cpu
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def jax_dot_peak(sizes, repeats, dtype_name):
@@ -245,36 +287,40 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     tokens_np = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
 
-    # 3. ours ----------------------------------------------------------------------------
+    # 3./4. ours and PyTorch ----------------------------------------------------------------
     qwen = load_qwen_module(args.qwen_module)
     fwd = jax.jit(lambda p, t: qwen.forward(p, t, cfg)[0])
     tokens_j = jnp.asarray(tokens_np)
     t0 = time.perf_counter()
     compiled = fwd.lower(params, tokens_j).compile()
     compile_s = time.perf_counter() - t0
-    med, times = _median_time(lambda: compiled(params, tokens_j).block_until_ready(), args.repeats, args.warmup)
-    ours_logits = np.asarray(compiled(params, tokens_j), dtype=np.float32)
-    res["ours"] = _result(med, times, B * T, flops_causal, flops_dense, peak)
+    runners = {"ours": lambda: compiled(params, tokens_j).block_until_ready()}
+    if not args.skip_torch:
+        tmodel = tmodel.to(getattr(torch, args.dtype))
+        tok_t = torch.from_numpy(tokens_np.astype(np.int64))
+
+        def run_torch():
+            with torch.inference_mode():
+                return tmodel(input_ids=tok_t, use_cache=False).logits
+        runners["torch"] = run_torch
+    print(f"ours compiled in {compile_s:.1f} s; timing {', '.join(runners)} "
+          f"({args.warmup} warm-up + {args.repeats} runs each, "
+          f"{'interleaved' if args.interleave else 'one after the other'})", flush=True)
+    times, cpu = _time_runners(runners, args.repeats, args.warmup, args.interleave, args.gap)
+    res["background_load"] = times.pop("_background")
+    for name in runners:
+        r = _result(times[name], cpu[name], B * T, flops_causal, flops_dense, peak)
+        res[name] = r
+        label = "ours   " if name == "ours" else "pytorch"
+        print(f"{label}: median {r['median_s'] * 1e3:.1f} ms (min {r['min_s'] * 1e3:.1f})  "
+              f"{r['tokens_per_s']:.0f} tok/s  {r['flops_per_s'] / 1e9:.1f} GFLOP/s  "
+              f"(runs: {_fmt(r['times_s'])}; cpu {_fmt(r['cpu_s'])})", flush=True)
     res["ours"]["compile_s"] = compile_s
     res["ours"]["module"] = args.qwen_module or "opdjax.models.qwen"
-    print(f"ours   : compile {compile_s:.1f} s; median {med * 1e3:.1f} ms  "
-          f"{res['ours']['tokens_per_s']:.0f} tok/s  "
-          f"{res['ours']['flops_per_s'] / 1e9:.1f} GFLOP/s  (runs: {_fmt(times)})", flush=True)
-    del compiled, fwd
+    ours_logits = np.asarray(compiled(params, tokens_j), dtype=np.float32)
 
-    # 4. PyTorch -------------------------------------------------------------------------
     if not args.skip_torch:
-        tdtype = getattr(torch, args.dtype)
-        tmodel = tmodel.to(tdtype)
-        tok_t = torch.from_numpy(tokens_np.astype(np.int64))
-        with torch.inference_mode():
-            def run_torch():
-                return tmodel(input_ids=tok_t, use_cache=False).logits
-            med, times = _median_time(run_torch, args.repeats, args.warmup)
-            torch_logits = run_torch().float().numpy()
-        res["torch"] = _result(med, times, B * T, flops_causal, flops_dense, peak)
-        print(f"pytorch: median {med * 1e3:.1f} ms  {res['torch']['tokens_per_s']:.0f} tok/s  "
-              f"{res['torch']['flops_per_s'] / 1e9:.1f} GFLOP/s  (runs: {_fmt(times)})", flush=True)
+        torch_logits = runners["torch"]().float().numpy()
         if not args.skip_peak:
             rows = torch_mm_peak(sizes, args.peak_repeats, args.dtype)
             res["torch_mm_peak"] = rows
@@ -285,6 +331,7 @@ def main(argv=None):
                                "max_abs_logit": scale,
                                "argmax_agreement": float((ours_logits.argmax(-1) == torch_logits.argmax(-1)).mean())}
         res["ratio_ours_over_torch"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
+        res["ratio_ours_over_torch_min"] = res["torch"]["min_s"] / res["ours"]["min_s"]
 
     res["total_s"] = time.perf_counter() - t_start
     _print_table(res, args)
@@ -296,12 +343,15 @@ def main(argv=None):
     return res
 
 
-def _result(med, times, tokens, flops_causal, flops_dense, peak):
-    r = {"median_s": med, "times_s": times, "tokens_per_s": tokens / med,
-         "flops_per_s": flops_causal / med, "flops_per_s_dense_count": flops_dense / med}
+def _result(times, cpu, tokens, flops_causal, flops_dense, peak):
+    med, best = statistics.median(times), min(times)
+    r = {"median_s": med, "min_s": best, "times_s": times, "cpu_s": cpu, "tokens_per_s": tokens / med,
+         "tokens_per_s_min": tokens / best, "flops_per_s": flops_causal / med,
+         "flops_per_s_min": flops_causal / best, "flops_per_s_dense_count": flops_dense / med}
     if peak:
         r["fraction_of_peak"] = r["flops_per_s"] / peak
         r["fraction_of_peak_dense_count"] = r["flops_per_s_dense_count"] / peak
+        r["fraction_of_peak_min"] = r["flops_per_s_min"] / peak
     return r
 
 
@@ -320,23 +370,30 @@ def _print_table(res, args):
         tp = res.get("torch_mm_peak_flops_per_s")
         print(f"jnp.dot {args.dtype} peak: {peak / 1e9:.1f} GFLOP/s"
               + (f"   (torch.mm peak: {tp / 1e9:.1f} GFLOP/s)" if tp else ""))
-    hdr = f"{'framework':<10} {'median ms':>10} {'tokens/s':>10} {'GFLOP/s':>9} {'% peak':>7} {'% peak(dense)':>14}"
+    hdr = (f"{'framework':<9} {'median ms':>10} {'min ms':>8} {'tokens/s':>9} {'tok/s@min':>9} "
+           f"{'GFLOP/s':>8} {'%peak':>6} {'%peak@min':>9} {'cpu-s/run':>9}")
     print(hdr)
     print("-" * len(hdr))
     for name in ("ours", "torch"):
         if name not in res:
             continue
         r = res[name]
-        fr = f"{100 * r['fraction_of_peak']:6.1f}%" if peak else "   n/a"
-        frd = f"{100 * r['fraction_of_peak_dense_count']:13.1f}%" if peak else "          n/a"
+        fr = f"{100 * r['fraction_of_peak']:5.1f}%" if peak else "   n/a"
+        frm = f"{100 * r['fraction_of_peak_min']:8.1f}%" if peak else "      n/a"
         label = "opdjax" if name == "ours" else "pytorch"
-        print(f"{label:<10} {r['median_s'] * 1e3:10.1f} {r['tokens_per_s']:10.0f} "
-              f"{r['flops_per_s'] / 1e9:9.1f} {fr} {frd}")
+        print(f"{label:<9} {r['median_s'] * 1e3:10.1f} {r['min_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} "
+              f"{r['tokens_per_s_min']:9.0f} {r['flops_per_s'] / 1e9:8.1f} {fr} {frm} "
+              f"{statistics.median(r['cpu_s']):9.2f}")
     if "ratio_ours_over_torch" in res:
         c = res["logits_check"]
-        print(f"ratio ours/pytorch (tokens/s): {res['ratio_ours_over_torch']:.3f}")
+        print(f"ratio ours/pytorch (tokens/s): {res['ratio_ours_over_torch']:.3f} at the median, "
+              f"{res['ratio_ours_over_torch_min']:.3f} at the min")
         print(f"logits: max |diff| {c['max_abs_diff']:.3g} (max |logit| {c['max_abs_logit']:.3g}), "
               f"mean |diff| {c['mean_abs_diff']:.3g}, argmax agreement {100 * c['argmax_agreement']:.2f}%")
+    bg = res.get("background_load") or {}
+    if bg.get("other_processes_busy_cores") is not None:
+        print(f"other processes' load while timing: {bg['other_processes_busy_cores']:.2f} cores "
+              f"(loadavg {bg['loadavg']})")
     print(f"total bench time {res['total_s']:.0f} s")
 
 

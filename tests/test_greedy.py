@@ -12,15 +12,23 @@ CFG = ModelConfig("qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, 
                   num_heads=4, num_kv_heads=2, head_dim=8)
 
 
+@jax.jit
+def _next_token(params, seq, length):
+    """argmax after the first `length` tokens of `seq`, by a full forward (no cache)."""
+    mask = jnp.arange(seq.shape[0]) < length
+    logits, _ = qwen.forward(params, seq[None], CFG, mask=mask[None])
+    return jnp.argmax(logits[0, length - 1])
+
+
 def argmax_loop(params, prompt, n, eos):
-    """Reference: re-run the whole sequence every step, no cache."""
-    seq = list(prompt)
+    """Reference: re-run the whole sequence every step, no cache (fixed buffer: one compile)."""
+    seq = np.zeros(len(prompt) + n, np.int32)
+    seq[:len(prompt)] = prompt
     out = []
-    for _ in range(n):
-        logits, _ = qwen.forward(params, jnp.asarray([seq]), CFG)
-        t = int(jnp.argmax(logits[0, -1]))
+    for i in range(n):
+        t = int(_next_token(params, jnp.asarray(seq), len(prompt) + i))
         out.append(t)
-        seq.append(t)
+        seq[len(prompt) + i] = t
         if t == eos:
             break
     return out
