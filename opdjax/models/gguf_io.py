@@ -209,7 +209,12 @@ def load_gguf(path, plan=None, dtype=None):
     `dtype` (default float32, the dequantized precision)."""
     reader, _ = _open(path)
     cfg = config_from_gguf(reader)
-    return hf_io.load_params(GGUFSource(reader), cfg, plan, dtype), cfg
+    # On one device each tensor is read exactly once, so a cache would only hold dead float32
+    # copies (measured: 1.5 GiB of peak RSS on Qwen2.5-Coder-0.5B); with several devices each
+    # device's slice re-reads the tensor, and the cache saves re-dequantizing it.
+    single = plan is None or plan.mesh.size == 1
+    source = GGUFSource(reader, cache_bytes=0 if single else 2 * 2**30)
+    return hf_io.load_params(source, cfg, plan, dtype), cfg
 
 
 def load_gguf_tokenizer(path):
