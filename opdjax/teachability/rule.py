@@ -1,0 +1,179 @@
+"""The release rule end to end, as the train step calls it (RELEASE_RULE.md, Steps 1-4).
+
+    teacher scores + the sampler's student log-probs   (device)
+      -> margins.margin              A_t, g_t                          (jitted)
+      -> segments.segment_batch      token -> sentence ids             (host, NLTK Punkt)
+      -> decide (one jitted call)    sentence scores, BIC scan, release index, weights, stats
+The result's `weights` [B, R] is the one array the loss consumes, whatever `release.mode` is:
+`bic` (the rule), or the baselines `full` (plain OPD), `prefix_fraction`, `random_matched`
+(random release points keeping the same share of tokens as the rule on this very batch).
+
+`release_config()` holds every switch with its default; `settings_from_config` validates the
+whole section by field name before anything is compiled or computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from opdjax.teachability import changepoint, margins, release
+from opdjax.teachability.segments import Segments, segment_batch
+
+MODES = ("bic", "full", "prefix_fraction", "random_matched")
+
+
+def release_config() -> ml_collections.ConfigDict:
+    """The `release` section of a training config. Paper = the abstract's words; ours = our choice."""
+    c = ml_collections.ConfigDict()
+    c.mode = "bic"  # bic (the rule) | full | prefix_fraction | random_matched   (baselines: ours)
+    c.margin = "advantage_gap"  # teacher margin over the student's top-K (paper); variant: ours
+    c.top_k = 8  # K of the candidate set (ours)
+    c.split_blank_lines = True  # pre-split on blank lines before Punkt (ours; Punkt is the paper's)
+    c.sentence_reduce = "mean"  # sentence score: mean | median of token margins (ours)
+    c.max_sentences = 512  # J_max of the jitted scan; a longer response is an error, never cut
+    c.bic_penalty = 1.0  # lambda in dBIC = J ln(RSS0/RSS1) - kappa lambda ln J (BIC-style: paper)
+    c.variance = "shared"  # shared | separate Gaussian variance (ours)
+    c.min_segment = 2  # sentences on each side of a split (ours)
+    c.fade = "hard"  # hard (the paper's "truncate") | linear | exp (ours)
+    c.fade_tokens = 32  # linear fade length
+    c.half_life = 16.0  # exp fade half-life, tokens
+    c.prefix_fraction = 0.5  # mode=prefix_fraction: share of each response kept
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseSettings:
+    """The validated, hashable form of the config section (a static argument of jitted code)."""
+    mode: str
+    margin: str
+    top_k: int
+    split_blank_lines: bool
+    sentence_reduce: str
+    max_sentences: int
+    bic_penalty: float
+    variance: str
+    min_segment: int
+    fade: str
+    fade_tokens: int
+    half_life: float
+    prefix_fraction: float
+
+
+def settings_from_config(c: ml_collections.ConfigDict) -> ReleaseSettings:
+    """Check the whole `release` section, naming the field and the fix; nothing is compiled."""
+    known = set(release_config().keys())
+    unknown = sorted(set(c.keys()) - known)
+    if unknown:
+        raise ValueError(f"release.{unknown[0]} is not a release-rule setting; known: {', '.join(sorted(known))}.")
+    full = release_config()
+    full.update(c)
+    if full.mode not in MODES:
+        raise ValueError(f"release.mode={full.mode!r}: choose one of {', '.join(MODES)}.")
+    margins.check_margin_variant(full.margin)
+    if not (isinstance(full.top_k, int) and full.top_k >= 1):
+        raise ValueError(f"release.top_k={full.top_k!r} must be an integer >= 1 (default 8).")
+    if full.sentence_reduce not in changepoint.REDUCES:
+        raise ValueError(f"release.sentence_reduce={full.sentence_reduce!r}: choose one of "
+                         f"{', '.join(changepoint.REDUCES)}.")
+    if not (isinstance(full.max_sentences, int) and full.max_sentences >= 1):
+        raise ValueError(f"release.max_sentences={full.max_sentences!r} must be an integer >= 1.")
+    changepoint.check_release_config(penalty=full.bic_penalty, min_segment=full.min_segment,
+                                     variance=full.variance)
+    release.validate_fade(full.fade, full.fade_tokens, full.half_life)
+    if not 0.0 <= full.prefix_fraction <= 1.0:
+        raise ValueError(f"release.prefix_fraction={full.prefix_fraction!r} must lie in [0, 1].")
+    return ReleaseSettings(**{f.name: full[f.name] for f in dataclasses.fields(ReleaseSettings)})
+
+
+class ReleaseDecision(NamedTuple):
+    weights: jax.Array  # [B, R] float32: the loss weights (stop-gradient)
+    release_index: jax.Array  # [B] int32: r (= response length where nothing is released)
+    rule_release_index: jax.Array  # [B] int32: where the BIC rule would release (all modes)
+    advantage: jax.Array  # [B, R] A_t
+    margin: jax.Array  # [B, R] g_t (NaN where undefined, e.g. < 2 candidates present)
+    sentence_scores: jax.Array  # [B, J_max] M_j
+    sentence_valid: jax.Array  # [B, J_max]
+    changepoint: changepoint.ChangePoint
+    stats: dict[str, jax.Array]
+    segments: Segments
+
+
+def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, response_mask,
+                   teacher_sampled_logp, teacher_cand_logp, student_sampled_logp, student_cand_logp,
+                   candidate_ids, key: jax.Array | None = None) -> ReleaseDecision:
+    """Release decision for one batch of rollouts. All [B, R] / [B, R, K] arrays are
+    response-aligned (R response columns, right-padded; `response_mask` marks real tokens)."""
+    m = margins.margin(settings.margin, teacher_sampled_logp, student_sampled_logp, teacher_cand_logp,
+                       student_cand_logp, candidate_ids, response_ids, response_mask)
+    segs = segment_batch(tokenizer, np.asarray(response_ids), np.asarray(response_mask),
+                         split_blank_lines=settings.split_blank_lines)
+    too_long = int(segs.num_sentences.max(initial=0))
+    if too_long > settings.max_sentences:
+        raise ValueError(f"a response has {too_long} sentences but release.max_sentences="
+                         f"{settings.max_sentences}; raise it (responses are never cut).")
+    if key is None:
+        key = jax.random.key(0)
+    return ReleaseDecision(*_decide(settings, m.margin, m.margin_defined, m.advantage,
+                                    jnp.asarray(segs.sent_ids), jnp.asarray(response_mask, bool), key),
+                           segs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decide(s: ReleaseSettings, margin, margin_defined, advantage, sent_ids, response_mask, key):
+    # Undefined margins (fewer than two candidates present) are left out of the sentence means
+    # rather than counted as 0, which would plant spurious low sentences.
+    g = jnp.where(margin_defined & response_mask, margin, jnp.nan)
+    M, valid, _ = changepoint.sentence_scores(g, sent_ids, s.max_sentences, s.sentence_reduce)
+    cp = changepoint.bic_scan(M, valid, penalty=s.bic_penalty, min_segment=s.min_segment,
+                              variance=s.variance)
+    rule_r = release.release_index(cp.release_sentence, cp.detected, sent_ids, response_mask)
+    rule_w = release.release_weights(rule_r, response_mask, s.fade, s.fade_tokens, s.half_life)
+    kept_ratio = jnp.sum(rule_w) / jnp.maximum(jnp.sum(response_mask), 1)
+    key_random, key_shuffle = jax.random.split(key)
+    lengths = release.response_lengths(response_mask)
+    if s.mode == "bic":
+        r = rule_r
+    elif s.mode == "full":
+        r = lengths
+    elif s.mode == "prefix_fraction":
+        r = release.prefix_fraction_index(response_mask, s.prefix_fraction)
+    else:  # random_matched
+        r = release.random_release_index(key_random, response_mask, kept_ratio)
+    w = rule_w if s.mode == "bic" else release.release_weights(r, response_mask, s.fade, s.fade_tokens,
+                                                               s.half_life)
+    stats = release.release_stats(r, response_mask, w, jnp.nan_to_num(g), advantage)
+    stats["rule_release_rate"] = jnp.mean(cp.detected.astype(jnp.float32))
+    stats["rule_kept_share"] = kept_ratio
+    stats["upward_shift_rate"] = jnp.mean(cp.upward_detected.astype(jnp.float32))
+    stats["shuffled_release_rate"] = _shuffled_release_rate(key_shuffle, M, valid, s)
+    stats["mean_num_sentences"] = jnp.mean(cp.num_sentences.astype(jnp.float32))
+    stats["mean_delta_bic_detected"] = jnp.sum(jnp.where(cp.detected, cp.delta_bic, 0.0)) / jnp.maximum(
+        jnp.sum(cp.detected), 1)
+    return w, r, rule_r, advantage, g, M, valid, cp, stats
+
+
+def _shuffled_release_rate(key, M, valid, s: ReleaseSettings):
+    """The chance level: the same test on each trajectory's sentence scores in a random order
+    (valid sentences permuted among themselves, padding kept at the end)."""
+    noise = jax.random.uniform(key, M.shape)
+    order = jnp.argsort(jnp.where(valid, noise, 2.0), axis=1)
+    shuffled = jnp.take_along_axis(M, order, axis=1)
+    shuffled_valid = jnp.take_along_axis(valid, order, axis=1)
+    cp = changepoint.bic_scan(shuffled, shuffled_valid, penalty=s.bic_penalty, min_segment=s.min_segment,
+                              variance=s.variance)
+    return jnp.mean(cp.detected.astype(jnp.float32))
+
+
+def summary(decision: ReleaseDecision) -> dict[str, Any]:
+    """Host scalars for the metrics log (`release/` namespace); the decile curve as a list."""
+    out = {}
+    for k, v in decision.stats.items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out
