@@ -102,7 +102,7 @@ def main(argv=None):
           f"{mem['kernel'] / mem['naive']:>14.4f}  (1/{mem['naive'] / mem['kernel']:.1f})")
     print(f"  {'scoring head (from hidden)':28s}{gib(mem['kernel_head']):>10.3f}Gi{gib(mem['naive_head']):>10.3f}Gi"
           f"{mem['kernel_head'] / mem['naive_head']:>14.4f}  (1/{mem['naive_head'] / mem['kernel_head']:.1f})")
-    print(f"  {'forward alone':28s}{gib(mem['forward_only']):>10.3f}Gi   (the model's [B,H,T,T] float32 "
+    print(f"  {'forward alone':28s}{gib(mem['forward_only']):>10.3f}Gi   (the model's query-chunked float32 "
           "attention scores; the same in both)")
 
     # ---------------------------------------------------------------- 2. time at a size that fits

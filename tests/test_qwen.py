@@ -8,6 +8,7 @@ from hf_oracle import VOCAB, hf_logits, make_hf_model
 from opdjax.models import hf_io, qwen
 
 forward = jax.jit(qwen.forward, static_argnames=("cfg", "plan"))
+chunk_forward = jax.jit(qwen.forward, static_argnames=("cfg", "plan", "attn_chunk"))
 
 SHAPES = {
     # name: (model_type, kwargs) — GQA ratios 1/2/4, tied/untied, head_dim != hidden/heads,
@@ -80,6 +81,32 @@ def test_padded_rows_equal_unpadded_rows(tmp_path, left):
         ref = hf_logits(model, r[None])[0]
         got = np.asarray(ours[i])[mask[i]]
         assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_query_chunked_attention_equals_one_block(tmp_path, left):
+    """T = 45 > attn_chunk = 8, not a multiple (the last query block is padded): the same logits
+    as all queries in one block, padded rows included, and as transformers per real row; also
+    for a chunked prefill into a larger KV cache (S != T). Equal up to float32 rounding (~1 ulp:
+    XLA picks different dot kernels for the block shapes), not bit for bit."""
+    model, params, cfg = load(tmp_path, "qwen3", SHAPES["qwen3_gqa4_headdim24_bias"][1])
+    rows = [tokens((n,), seed=n)[:n] for n in (45, 30, 11)]
+    toks, mask = map(jnp.asarray, _pad(rows, 45, left))
+    one, _ = chunk_forward(params, toks, cfg, mask=mask, attn_chunk=None)
+    chunked, _ = chunk_forward(params, toks, cfg, mask=mask, attn_chunk=8)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(one), atol=1e-6, rtol=0)
+    for i, r in enumerate(rows):
+        got = np.asarray(chunked[i])[np.asarray(mask[i])]
+        assert np.abs(got - hf_logits(model, r[None])[0]).max() <= 1e-4
+
+    cache = qwen.init_cache(cfg, batch=3, size=64)
+    one_c, one_cache = chunk_forward(params, toks, cfg, mask=mask, cache=cache, attn_chunk=None)
+    chunked_c, chunked_cache = chunk_forward(params, toks, cfg, mask=mask, cache=cache, attn_chunk=8)
+    np.testing.assert_allclose(np.asarray(chunked_c), np.asarray(one_c), atol=1e-6, rtol=0)
+    real = np.asarray(mask)  # padding queries see nothing: their logits differ with S
+    np.testing.assert_allclose(np.asarray(chunked_c)[real], np.asarray(one)[real], atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0),
+                 chunked_cache, one_cache)
 
 
 @pytest.mark.parametrize("name", ["qwen3_gqa2_untied", "qwen2_gqa2_tied_bias"])

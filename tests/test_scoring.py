@@ -179,10 +179,11 @@ def test_compiled_temp_memory_at_qwen_vocabulary():
     assert naive_head >= full_logits_bytes  # the reference really holds [B, T, V] float32
     assert head * 20 <= naive_head, (head, naive_head)
 
-    # End to end (forward + head). The forward's own attention scores ([B, H, T, T] float32,
-    # 512 MiB per buffer here) dominate at T = 4096, so bound what scoring adds to the forward.
+    # End to end (forward + head). The forward's attention runs over query blocks
+    # (qwen.ATTN_CHUNK rows: [B, H, 512, T] float32 scores, 64 MiB per buffer here, instead of
+    # [B, H, T, T], 512 MiB), so the whole teacher pass is bounded, and so is what scoring adds.
     forward = _temp_bytes(jax.jit(lambda p, t, m: qwen.apply(p, t, MEM_CFG, mask=m)[0]), p, *batch[:2])
     kernel = _temp_bytes(scoring.teacher_logprobs, p, *batch, cfg=MEM_CFG, prompt_len=P)
     naive = _temp_bytes(scoring.naive_teacher_logprobs, p, *batch, cfg=MEM_CFG, prompt_len=P)
     assert (kernel - forward) * 20 <= naive, (kernel, forward, naive)
-    assert kernel * 10 <= naive, (kernel, naive)
+    assert kernel * 20 <= naive, (kernel, naive)

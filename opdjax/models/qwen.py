@@ -46,6 +46,10 @@ LAYER_AXES = {
 }
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
+# Query rows per attention block when T is longer (a static size; see `apply`'s attn_chunk).
+# float32 scores are then [B, H, ATTN_CHUNK, S] at a time rather than [B, H, T, S].
+ATTN_CHUNK = 512
+
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Shape of every parameter, as a pytree of tuples (the one place the layout is defined)."""
@@ -213,9 +217,9 @@ def positions_from_mask(mask: jax.Array, start: jax.Array | None = None) -> jax.
 
 
 # ---------------------------------------------------------------------------------------- layers
-def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: ModelConfig, plan):
+def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: ModelConfig, plan,
+               attn_chunk: int | None = ATTN_CHUNK):
     B, T, _ = x.shape
-    K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
     q = jnp.einsum("btd,dhk->bthk", x, lp["q"])
     k = jnp.einsum("btd,dhk->bthk", x, lp["k"])
     v = jnp.einsum("btd,dhk->bthk", x, lp["v"])
@@ -234,22 +238,45 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
         keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
         values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
         new_cache = (keys, values)
-    S = keys.shape[1]
+    keys = keys.astype(q.dtype)
 
+    if attn_chunk is None or T <= attn_chunk:
+        out = _attend(q, keys, values, key_valid, q_slots, cfg, plan)
+    else:
+        # Query blocks of `attn_chunk` rows, one at a time (lax.map: the program does not grow
+        # with T), each against all S keys: scores are [B, K, G, c, S] instead of [.., T, S].
+        # The last block is padded (zero queries, the last slot) and its padding dropped.
+        c = attn_chunk
+        n = -(-T // c)
+        pad = n * c - T
+        q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, c, *q.shape[2:]).swapaxes(0, 1)
+        slot_blocks = jnp.pad(q_slots, (0, pad), mode="edge").reshape(n, c)
+        out = jax.lax.map(lambda a: _attend(a[0], keys, values, key_valid, a[1], cfg, plan),
+                          (q_blocks, slot_blocks))
+        out = out.swapaxes(0, 1).reshape(B, n * c, *out.shape[3:])[:, :T]
+        out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
+    y = jnp.einsum("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
+    if cfg.o_bias:
+        y = y + lp["o_bias"]
+    return y, new_cache
+
+
+def _attend(q, keys, values, key_valid, q_slots, cfg: ModelConfig, plan):
+    """Attention of queries q [B, t, H, hd] at cache slots q_slots [t] to keys/values
+    [B, S, K, hd]: a query sees the valid slots at or before its own. Returns [B, t, H, hd]."""
+    B, T = q.shape[:2]
+    K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    S = keys.shape[1]
+    q = constrain(plan, q, ("batch", "length", "act_heads", "head_dim"))
     # Grouped-query attention without repeating K/V: query head h = kv_head * G + g.
     qg = q.reshape(B, T, K, G, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
     visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slots[None, :, None])  # [B,T,S]
     # A finite floor instead of -inf: fully masked rows (padding queries) stay finite.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, K * G, hd)
-    out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
-    y = jnp.einsum("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
-    if cfg.o_bias:
-        y = y + lp["o_bias"]
-    return y, new_cache
+    return constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
 
 
 def _mlp(x, lp, plan):
@@ -259,9 +286,10 @@ def _mlp(x, lp, plan):
     return jnp.einsum("btf,fd->btd", h, lp["down"])
 
 
-def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan):
+def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan, attn_chunk):
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    attn, new_cache = _attention(h, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan)
+    attn, new_cache = _attention(h, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
+                                 attn_chunk)
     x = x + attn
     x = x + _mlp(rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), lp, plan)
     return constrain(plan, x, ("batch", "length", "act_embed")), new_cache
@@ -270,11 +298,14 @@ def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg,
 # ---------------------------------------------------------------------------------------- model
 def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
           positions: jax.Array | None = None, cache: KVCache | None = None,
-          plan: ShardingPlan | None = None) -> tuple[jax.Array, KVCache | None]:
+          plan: ShardingPlan | None = None,
+          attn_chunk: int | None = ATTN_CHUNK) -> tuple[jax.Array, KVCache | None]:
     """Final normed hidden states [B, T, D] for T new tokens, and the updated cache.
 
     tokens: [B, T] int; mask: [B, T] bool (False = padding), default all True;
-    positions: [B, T] int, default counted from the mask (continuing from the cache).
+    positions: [B, T] int, default counted from the mask (continuing from the cache);
+    attn_chunk: static int, attention runs over query blocks of this many rows when T exceeds
+    it (None: all T queries at once). Same result either way; bounds the float32 scores.
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -296,7 +327,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
 
     def body(x, scanned):
         lp, layer_cache = scanned
-        return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan)
+        return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
+                              attn_chunk)
 
     layer_caches = None if cache is None else (cache.k, cache.v)
     x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches))
@@ -323,9 +355,11 @@ def logits_from_hidden(params: Params, hidden: jax.Array, plan: ShardingPlan | N
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask=None, positions=None,
-            cache: KVCache | None = None, plan: ShardingPlan | None = None):
+            cache: KVCache | None = None, plan: ShardingPlan | None = None,
+            attn_chunk: int | None = ATTN_CHUNK):
     """Logits [B, T, V] (float32) and the updated cache (None without one)."""
-    hidden, cache = apply(params, tokens, cfg, mask=mask, positions=positions, cache=cache, plan=plan)
+    hidden, cache = apply(params, tokens, cfg, mask=mask, positions=positions, cache=cache, plan=plan,
+                          attn_chunk=attn_chunk)
     return logits_from_hidden(params, hidden, plan), cache
 
 

@@ -40,7 +40,7 @@ def _fmt(x: Any) -> str:
     if isinstance(x, (bool, np.bool_)):
         return "yes" if x else "no"
     if isinstance(x, (float, np.floating)):
-        return "nan" if not math.isfinite(x) else f"{x:.4g}"
+        return "nan" if math.isnan(x) else f"{x:.4g}"  # -inf (no candidate split) stays -inf
     return str(x)
 
 

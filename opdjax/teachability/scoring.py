@@ -20,8 +20,8 @@ are dot products of the hidden state with the gathered unembedding rows rather t
 into the chunk's logits, so a vocabulary-sharded chunk is only ever reduced (max, sum) across
 shards, never gathered. No [B, T, V] or [B*R, V] float32 tensor exists: the largest scoring
 buffer is one chunk's float32 logits, B*c*V*4 bytes (~300 MiB for 512 positions at V = 151,936,
-divided over the devices by data x fsdp x tensor). The forward pass itself (attention scores
-[B, H, T, T] in float32) is `qwen.apply`'s and not bounded here.
+divided over the devices by data x fsdp x tensor). The forward pass's attention scores are
+`qwen.apply`'s: float32 [B, H, c, T] for query blocks of c = qwen.ATTN_CHUNK rows, not [B, H, T, T].
 
 Chunks are [B, c] blocks (all rows, c = max(1, chunk_tokens // B) consecutive response
 positions; B positions when B > chunk_tokens), not slices of the flattened B*R positions: a
