@@ -149,3 +149,14 @@ def test_runs_on_a_real_teacher_and_student(tok):
     assert np.isfinite(np.asarray(d.advantage)).all()
     assert all(np.isfinite(v).all() or k in ("margin_after", "abs_adv_after", "mean_release_frac")
                for k, v in rule.summary(d).items() if not isinstance(v, list))
+
+
+def test_pictures_from_a_decision(tok, tmp_path):
+    batch, first_token, T = planted_batch(tok, rows=2)
+    d = rule.decide_release(settings(), tokenizer=tok, **batch)
+    paths = rule.write_pictures(d, tmp_path, step=12, response_ids=batch["response_ids"],
+                                response_mask=batch["response_mask"], tokenizer=tok)
+    assert sorted(p.suffix for p in paths) == [".html", ".html", ".md", ".md", ".png", ".png"]
+    html = next(p for p in paths if p.suffix == ".html").read_text()
+    assert html.count('class="tok rel"') == T - first_token[5]  # the released suffix, greyed
+    assert ">boxed<" in html and "&lt;|im_end|&gt;" in html  # every token shown, escaped

@@ -177,3 +177,20 @@ def summary(decision: ReleaseDecision) -> dict[str, Any]:
         v = np.asarray(v)
         out[k] = v.tolist() if v.ndim else float(v)
     return out
+
+
+def write_pictures(decision: ReleaseDecision, out_dir, step: int, *, response_ids, response_mask, tokenizer,
+                   margin_name: str = "advantage_gap", max_trajectories: int = 4):
+    """PNG + HTML + Markdown of a few trajectories of this batch (the trainer calls this every N
+    steps); returns the written paths."""
+    from opdjax.teachability import pictures
+
+    cp = decision.changepoint
+    return pictures.write_release_report(
+        out_dir, step, response_mask=response_mask, sent_ids=decision.segments.sent_ids,
+        margins=decision.margin, sentence_scores=decision.sentence_scores,
+        # the row index of the right segment's first sentence: equals `split` unless a sentence
+        # without a defined margin sits inside the left part
+        split=cp.release_sentence, detected=cp.detected, delta_bic=cp.delta_bic, mean_left=cp.mean_left,
+        mean_right=cp.mean_right, release_index=decision.release_index, weights=decision.weights,
+        token_ids=response_ids, tokenizer=tokenizer, margin_name=margin_name, max_trajectories=max_trajectories)
