@@ -49,6 +49,13 @@ CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 # Query rows per attention block when T is longer (a static size; see `apply`'s attn_chunk).
 # float32 scores are then [B, H, ATTN_CHUNK, S] at a time rather than [B, H, T, S].
 ATTN_CHUNK = 512
+# Without a KV cache, keys are the queries' own tokens and query block [t0, t1) needs keys [0, t1)
+# only: attention then runs in unrolled blocks of ATTN_BLOCK rows (more when T > ATTN_BLOCK *
+# ATTN_MAX_BLOCKS, never more than attn_chunk), skipping the keys after each block (about half
+# the T x T work, in cache-sized tiles). Beyond ATTN_MAX_BLOCKS blocks of attn_chunk rows it
+# falls back to the lax.map over query blocks (a program that does not grow with T).
+ATTN_BLOCK = 128
+ATTN_MAX_BLOCKS = 16
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -217,12 +224,20 @@ def positions_from_mask(mask: jax.Array, start: jax.Array | None = None) -> jax.
 
 
 # ---------------------------------------------------------------------------------------- layers
+def _mm(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated in float32, rounded once to the operands' dtype (as transformers' bf16
+    GEMMs do). A no-op for float32; for bfloat16 on CPU it is also what lets XLA use AMX: a
+    bf16 x bf16 -> bf16 dot runs ~6x slower than bf16 x bf16 -> f32 on Sapphire Rapids."""
+    out = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(a.dtype, b.dtype))
+
+
 def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: ModelConfig, plan,
                attn_chunk: int | None = ATTN_CHUNK):
     B, T, _ = x.shape
-    q = jnp.einsum("btd,dhk->bthk", x, lp["q"])
-    k = jnp.einsum("btd,dhk->bthk", x, lp["k"])
-    v = jnp.einsum("btd,dhk->bthk", x, lp["v"])
+    q = _mm("btd,dhk->bthk", x, lp["q"])
+    k = _mm("btd,dhk->bthk", x, lp["k"])
+    v = _mm("btd,dhk->bthk", x, lp["v"])
     if cfg.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     if cfg.qk_norm:
@@ -240,7 +255,15 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
         new_cache = (keys, values)
     keys = keys.astype(q.dtype)
 
-    if attn_chunk is None or T <= attn_chunk:
+    max_block = T if attn_chunk is None else attn_chunk
+    block = min(max_block, max(ATTN_BLOCK, -(-T // ATTN_MAX_BLOCKS)))
+    if layer_cache is None and T > block and T <= block * ATTN_MAX_BLOCKS:
+        # Causal block skipping (see ATTN_BLOCK): block [t0, t1) against keys [0, t1).
+        outs = [_attend(q[:, t0:t0 + block], keys[:, :t0 + block], values[:, :t0 + block],
+                        key_valid[:, :t0 + block], q_slots[t0:t0 + block], cfg, plan)
+                for t0 in range(0, T, block)]
+        out = constrain(plan, jnp.concatenate(outs, axis=1), ("batch", "length", "act_heads", "head_dim"))
+    elif attn_chunk is None or T <= attn_chunk:
         out = _attend(q, keys, values, key_valid, q_slots, cfg, plan)
     else:
         # Query blocks of `attn_chunk` rows, one at a time (lax.map: the program does not grow
@@ -255,7 +278,7 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
                           (q_blocks, slot_blocks))
         out = out.swapaxes(0, 1).reshape(B, n * c, *out.shape[3:])[:, :T]
         out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
-    y = jnp.einsum("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
+    y = _mm("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
     if cfg.o_bias:
         y = y + lp["o_bias"]
     return y, new_cache
@@ -268,22 +291,29 @@ def _attend(q, keys, values, key_valid, q_slots, cfg: ModelConfig, plan):
     K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
     S = keys.shape[1]
     q = constrain(plan, q, ("batch", "length", "act_heads", "head_dim"))
-    # Grouped-query attention without repeating K/V: query head h = kv_head * G + g.
-    qg = q.reshape(B, T, K, G, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    # Grouped-query attention without repeating K/V: query head h = kv_head * G + g, computed as
+    # [B, K, G, T, hd] x [B, K, S, hd] (batch dims leading). The mask is an additive float32 bias
+    # (0 or finfo.min, a finite floor: fully masked rows of padding queries stay finite), not a
+    # select: with it XLA:CPU fuses scores, mask, softmax and the PV product into one library
+    # (YNNPACK) call instead of several passes over the [.., T, S] float32 scores.
+    qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+    kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
     visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slots[None, :, None])  # [B,T,S]
-    # A finite floor instead of -inf: fully masked rows (padding queries) stay finite.
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, K * G, hd)
+    bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
+    out = _mm("bkgts,bksd->bkgtd", probs, vh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, hd)
+    # Queries that see no key at all (left padding) get zeros, whatever S: so blocks that skip
+    # keys give the same result as one block (a uniform average would depend on S).
+    out = jnp.where(visible.any(axis=-1)[:, :, None, None], out, 0)
     return constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
 
 
 def _mlp(x, lp, plan):
-    gate = jnp.einsum("btd,df->btf", x, lp["gate"])
-    up = jnp.einsum("btd,df->btf", x, lp["up"])
+    gate = _mm("btd,df->btf", x, lp["gate"])
+    up = _mm("btd,df->btf", x, lp["up"])
     h = constrain(plan, jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", h, lp["down"])
+    return _mm("btf,fd->btd", h, lp["down"])
 
 
 def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan, attn_chunk):
