@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Callable, Iterable, Protocol
 
 import jax
@@ -193,11 +194,16 @@ def load_params(source: TensorSource, cfg: ModelConfig, plan: ShardingPlan | Non
     dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
     shapes, axes = qwen.param_shapes(cfg), qwen.param_axes(cfg)
     params: dict = {}
-    for m in tensor_maps(cfg):
+    maps = tensor_maps(cfg)
+    start = time.perf_counter()
+    for i, m in enumerate(maps, 1):
         shape = _get(shapes, m.path)
         sharding = (plan.sharding(_get(axes, m.path), shape) if plan is not None
                     else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         _set(params, m.path, jax.make_array_from_callback(shape, sharding, _slicer(source, m, cfg, dtype)))
+        # A large checkpoint takes minutes: say where we are.
+        log.info("loaded %d/%d %s %s from %s (%.1f s)", i, len(maps), "/".join(m.path), list(shape),
+                 source.description, time.perf_counter() - start)
     return params
 
 
