@@ -158,6 +158,11 @@ class ShardingPlan:
             out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*out)
 
+    @property
+    def batch_shards(self) -> int:
+        """How many pieces the rules cut the "batch" axis into (a global batch must divide it)."""
+        return math.prod(self.mesh.shape[a] for a in _as_tuple(dict(self.rules).get("batch")))
+
     def sharding(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape))
 

@@ -59,7 +59,7 @@ def run(config) -> dict:
              jax.tree.leaves(params)[0].dtype, time.perf_counter() - t0)
 
     rows = [encode_chat(tok, [{"role": "user", "content": p}]) for p in config.prompts]
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    shards = plan.batch_shards
     n = -(-len(rows) // shards) * shards  # pad the batch with repeats to fill the batch shards
     rows = rows + [rows[-1]] * (n - len(rows))
     P = max(map(len, rows))

@@ -402,8 +402,7 @@ def jit_forward(cfg: ModelConfig, plan: ShardingPlan | None = None):
     (params by the logical rules, tokens by batch, logits by batch and vocab)."""
     if plan is None:
         return jax.jit(lambda params, tokens, mask: forward(params, tokens, cfg, mask=mask)[0])
-    batch_axes = plan.spec(("batch",))[0]
-    batch_shards = int(np.prod([plan.mesh.shape[a] for a in _axes_tuple(batch_axes)]))
+    batch_shards = plan.batch_shards
     fn = jax.jit(
         lambda params, tokens, mask: forward(params, tokens, cfg, mask=mask, plan=plan)[0],
         in_shardings=(param_shardings(cfg, plan), plan.sharding(("batch", "length")),
@@ -421,6 +420,3 @@ def jit_forward(cfg: ModelConfig, plan: ShardingPlan | None = None):
 
     return checked
 
-
-def _axes_tuple(a) -> tuple:
-    return () if a is None else (a,) if isinstance(a, str) else tuple(a)

@@ -21,7 +21,7 @@ into the chunk's logits, so a vocabulary-sharded chunk is only ever reduced (max
 shards, never gathered. No [B, T, V] or [B*R, V] float32 tensor exists: the largest scoring
 buffer is one chunk's float32 logits, B*c*V*4 bytes (~300 MiB for 512 positions at V = 151,936,
 divided over the devices by data x fsdp x tensor). The forward pass's attention scores are
-`qwen.apply`'s: float32 [B, H, c, T] for query blocks of c = qwen.ATTN_CHUNK rows, not [B, H, T, T].
+`qwen.apply`'s: float32 [B, H, c, T] for causal query blocks of c rows (qwen.ATTN_BLOCK / ATTN_CHUNK), not [B, H, T, T].
 
 Chunks are [B, c] blocks (all rows, c = max(1, chunk_tokens // B) consecutive response
 positions; B positions when B > chunk_tokens), not slices of the flattened B*R positions: a
