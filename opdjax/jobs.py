@@ -5,6 +5,8 @@ import importlib
 
 JOBS = {
     "smoke": "opdjax.smoke:run",
+    "opd": "opdjax.train.opd:run",
+    "opd_compare": "opdjax.train.compare:run",
 }
 
 

@@ -235,9 +235,12 @@ def _first_difference(field: str, a: Any, b: Any, name_a: str, name_b: str) -> s
 
 def check_same_tokenizer(a: str | os.PathLike | PreTrainedTokenizerBase,
                          b: str | os.PathLike | PreTrainedTokenizerBase,
-                         name_a: str = "teacher", name_b: str = "student") -> None:
+                         name_a: str = "teacher", name_b: str = "student",
+                         ignore: tuple[str, ...] = ()) -> None:
     """Raise TokenizerMismatchError naming the first difference between two tokenizers (given as
-    checkpoint directories or loaded tokenizers); return None when they are identical."""
+    checkpoint directories or loaded tokenizers); return None when they are identical.
+    `ignore` skips fingerprint fields, e.g. ("chat_template",) when one side's template is used
+    to render every prompt for both."""
     def load_and_label(x, name):
         if isinstance(x, (str, os.PathLike)):
             return load_tokenizer(x), f"{name} ({os.fspath(x)})"
@@ -249,6 +252,8 @@ def check_same_tokenizer(a: str | os.PathLike | PreTrainedTokenizerBase,
     # Dict order is the report order: size and special ids first (the usual cause: a different
     # model family or base vs instruct eos), then the full mappings, then the prompt format.
     for field in fp_a:
+        if field in ignore:
+            continue
         detail = _first_difference(field, fp_a[field], fp_b[field], label_a, label_b)
         if detail is not None:
             raise TokenizerMismatchError(

@@ -329,13 +329,15 @@ def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg,
 def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
           positions: jax.Array | None = None, cache: KVCache | None = None,
           plan: ShardingPlan | None = None,
-          attn_chunk: int | None = ATTN_CHUNK) -> tuple[jax.Array, KVCache | None]:
+          attn_chunk: int | None = ATTN_CHUNK, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Final normed hidden states [B, T, D] for T new tokens, and the updated cache.
 
     tokens: [B, T] int; mask: [B, T] bool (False = padding), default all True;
     positions: [B, T] int, default counted from the mask (continuing from the cache);
     attn_chunk: static int, attention runs over query blocks of this many rows when T exceeds
     it (None: all T queries at once). Same result either way; bounds the float32 scores.
+    remat: static bool, recompute each layer in the backward pass instead of keeping its
+    intermediates (training: activation memory is one [B, T, D] per layer plus one layer's).
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -360,6 +362,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
                               attn_chunk)
 
+    if remat:
+        body = jax.checkpoint(body)
     layer_caches = None if cache is None else (cache.k, cache.v)
     x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

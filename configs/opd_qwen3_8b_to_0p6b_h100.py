@@ -1,0 +1,79 @@
+r"""Release-rule OPD, Qwen3-8B teacher -> Qwen3-0.6B student, math reasoning with thinking on,
+on one NVIDIA H100 80 GB (an H200 works unchanged).
+
+    python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda12]==0.10.2"
+    .venv/bin/hf download Qwen/Qwen3-8B --local-dir ckpt/Qwen3-8B
+    .venv/bin/hf download Qwen/Qwen3-0.6B --local-dir ckpt/Qwen3-0.6B
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 .venv/bin/python launch/tpu_run.py \
+        --config configs/opd_qwen3_8b_to_0p6b_h100.py \
+        --config.student.path=ckpt/Qwen3-0.6B --config.teacher.path=ckpt/Qwen3-8B \
+        --config.data.train_file=data/math_train.jsonl --config.data.eval_file=data/math500.jsonl
+
+(JAX preallocates 75% of GPU memory by default; the estimate below fits in that too, and 0.95
+leaves room for XLA's temporaries.)
+
+Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
+train step, decode at 25% of HBM bandwidth — not measured): ~1.2 min per step, almost all of it
+decoding 4,096 tokens for 16 rollouts; 300 steps ~ 6 h, plus evaluations.
+
+Memory (opdjax.train.memory with the Qwen3 presets): ~51 GiB at peak — the resident teacher
+(bf16, 15.3 GiB) and float32 student with AdamW state (6.7 GiB), and the rollout's float32 KV
+cache (17.5 GiB). See tests/test_memory.py.
+"""
+from opdjax.train.config import opd_config
+
+# For opdjax.train.memory (no weights needed): the published architectures and the chip count.
+STUDENT = "Qwen3-0.6B"
+TEACHER = "Qwen3-8B"
+NUM_CHIPS = 1
+
+
+def get_config(arg=None):
+    del arg
+    c = opd_config()
+    c.job = "opd"
+    c.workdir = "runs/opd_qwen3_8b_to_0p6b_h100"
+    c.chip = "h100"
+
+    c.student.path = ""  # --config.student.path=<Qwen3-0.6B HF checkpoint dir>
+    c.student.dtype = "float32"
+    c.teacher.path = ""  # --config.teacher.path=<Qwen3-8B HF checkpoint dir>
+    c.teacher.dtype = "bfloat16"
+
+    c.mesh.shape = (1, 1, 1)  # one device
+
+    c.data.train_file = ""
+    c.data.eval_file = ""
+    c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.enable_thinking = True
+    c.data.max_prompt_tokens = 1024
+
+    c.rollout.samples_per_prompt = 4
+    c.rollout.max_new_tokens = 4096
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+
+    c.batch.prompts_per_step = 4  # 16 rollouts per step
+    c.batch.microbatches = 4  # 4 rows per forward/backward
+
+    c.release.max_sentences = 1024
+
+    c.loss.chunk_tokens = 256
+
+    c.optimizer.learning_rate = 2e-6
+    c.optimizer.warmup_steps = 10
+    c.optimizer.grad_clip = 1.0
+
+    c.train.steps = 300
+
+    c.eval.every = 50
+    c.eval.num_problems = 200
+    c.eval.samples = 4
+    c.eval.k = (1, 4)
+    c.eval.temperature = 0.6
+    c.eval.max_new_tokens = 4096
+
+    c.checkpoint.every = 25
+    c.checkpoint.keep = 3
+    c.metrics.pictures_every = 10
+    return c

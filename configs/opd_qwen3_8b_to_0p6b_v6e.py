@@ -1,0 +1,82 @@
+r"""Release-rule OPD, Qwen3-8B teacher -> Qwen3-0.6B student, math reasoning with thinking on,
+on one TPU v6e-8 host (8 Trillium chips, 32 GiB each).
+
+On the TPU VM itself (one host: no gcloud wrapper needed), from the repository root:
+
+    python3 -m venv .venv && .venv/bin/pip install -e . "jax[tpu]==0.10.2" \
+        -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+    .venv/bin/hf download Qwen/Qwen3-8B --local-dir ckpt/Qwen3-8B
+    .venv/bin/hf download Qwen/Qwen3-0.6B --local-dir ckpt/Qwen3-0.6B
+    .venv/bin/python launch/tpu_run.py --config configs/opd_qwen3_8b_to_0p6b_v6e.py \
+        --config.student.path=ckpt/Qwen3-0.6B --config.teacher.path=ckpt/Qwen3-8B \
+        --config.data.train_file=data/math_train.jsonl --config.data.eval_file=data/math500.jsonl
+
+Or from a workstation: `ACCELERATOR_TYPE=v6e-8 launch/gcloud_tpu.sh create|install|run ...`
+(launch/README.md). On a v6e-16 slice (4 hosts) use the gcloud wrapper and
+--config.batch.prompts_per_step=32 for twice the rollouts at the same memory per chip.
+
+Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
+train step, decode at 25% of HBM bandwidth — not measured): ~1 min per step, almost all of it
+decoding 4,096 tokens for 64 rollouts; 300 steps ~ 5 h, plus evaluations.
+
+Memory per chip (opdjax.train.memory with the Qwen3 presets): ~17 GiB of 32 GiB at peak; 128
+rollouts (prompts_per_step=32) would need ~30 GiB, too close to the limit with a float32
+student. See tests/test_memory.py.
+"""
+from opdjax.train.config import opd_config
+
+# For opdjax.train.memory (no weights needed): the published architectures and the host size.
+STUDENT = "Qwen3-0.6B"
+TEACHER = "Qwen3-8B"
+NUM_CHIPS = 8  # v6e-8: 8 chips (v6e counts chips, not cores)
+
+
+def get_config(arg=None):
+    del arg
+    c = opd_config()
+    c.job = "opd"
+    c.workdir = "runs/opd_qwen3_8b_to_0p6b_v6e"
+    c.chip = "v6e"
+
+    c.student.path = ""  # --config.student.path=<Qwen3-0.6B HF checkpoint dir>
+    c.student.dtype = "float32"  # trained: float32 params and AdamW state
+    c.teacher.path = ""  # --config.teacher.path=<Qwen3-8B HF checkpoint dir>
+    c.teacher.dtype = "bfloat16"
+
+    c.mesh.shape = (1, -1, 1)  # 8-way fsdp
+
+    c.data.train_file = ""
+    c.data.eval_file = ""
+    c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.enable_thinking = True
+    c.data.max_prompt_tokens = 1024
+
+    c.rollout.samples_per_prompt = 4
+    c.rollout.max_new_tokens = 4096
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+
+    c.batch.prompts_per_step = 16  # 64 rollouts per step, 8 per chip
+    c.batch.microbatches = 4  # 16 rows (2 per chip) per forward/backward
+
+    c.release.max_sentences = 1024
+
+    c.loss.chunk_tokens = 256
+
+    c.optimizer.learning_rate = 2e-6
+    c.optimizer.warmup_steps = 10
+    c.optimizer.grad_clip = 1.0
+
+    c.train.steps = 300
+
+    c.eval.every = 50
+    c.eval.num_problems = 500
+    c.eval.samples = 4
+    c.eval.k = (1, 4)
+    c.eval.temperature = 0.6
+    c.eval.max_new_tokens = 4096
+
+    c.checkpoint.every = 25
+    c.checkpoint.keep = 3
+    c.metrics.pictures_every = 10
+    return c

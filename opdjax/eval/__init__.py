@@ -1,0 +1,1 @@
+"""Evaluation: pass@k / avg@n over sampled answers, and their plots."""

@@ -1,0 +1,142 @@
+"""The student's sampler: one jitted prefill + a scanned decode loop over a fixed-size KV cache.
+
+For every generated position it records what the rest of the step needs, so nothing is
+recomputed later:
+  - the sampled token and whether it is real (up to and including the first stop token);
+  - its log-prob under the distribution actually sampled from (after temperature, top-k and
+    top-p: `logp_sampled`) and under the student's own softmax (`logp_model`);
+  - the student's top-K candidate ids with their log-probs under both distributions — the
+    release rule's candidate set C_t comes for free from the logits already computed here.
+Which of the two log-probs is pi_old is a config choice (`rollout.old_logp`), never implicit.
+
+Temperature 0 is greedy decoding (argmax; `logp_sampled` is 0, the log-prob of a point mass),
+and then the sampler matches an argmax loop over full forwards token for token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from opdjax.models import qwen
+from opdjax.models.config import ModelConfig
+from opdjax.rollout.greedy import last_real_index
+from opdjax.sharding import ShardingPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Static (hashable) sampling settings; `check` names the config field on bad values."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    candidates: int = 8  # K of the recorded student top-K
+    stop_ids: tuple[int, ...] = ()
+
+    def check(self, vocab_size: int, section: str = "rollout") -> "SamplingSettings":
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"{section}.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1.")
+        if not self.temperature >= 0:
+            raise ValueError(f"{section}.temperature={self.temperature!r} must be >= 0 (0 = greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{section}.top_p={self.top_p!r} must be in (0, 1] (1 = off).")
+        if not (isinstance(self.top_k, int) and 0 <= self.top_k <= vocab_size):
+            raise ValueError(f"{section}.top_k={self.top_k!r} must be an integer in [0, vocab size "
+                             f"{vocab_size}] (0 = off).")
+        if not (isinstance(self.candidates, int) and 1 <= self.candidates <= vocab_size):
+            raise ValueError(f"release.top_k={self.candidates!r} (the student's candidate set) must be in "
+                             f"[1, vocab size {vocab_size}].")
+        if not self.stop_ids:
+            raise ValueError(f"{section}.stop_tokens: no stop token at all (the tokenizer has no EOS?); "
+                             "give at least one id.")
+        bad = [i for i in self.stop_ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{section}.stop_tokens: id {bad[0]} is outside the vocabulary [0, {vocab_size}).")
+        return self
+
+
+class Rollout(NamedTuple):
+    tokens: jax.Array  # [B, N] int32, pad after the stop token
+    mask: jax.Array  # [B, N] bool, real tokens (the stop token included)
+    logp_sampled: jax.Array  # [B, N] f32, log-prob under the sampling distribution
+    logp_model: jax.Array  # [B, N] f32, log-prob under the student's softmax (temperature 1)
+    topk_ids: jax.Array  # [B, N, K] int32, the student's top-K candidates (by its own logits)
+    topk_logp_sampled: jax.Array  # [B, N, K] f32 (-inf where top-k/top-p cut the candidate)
+    topk_logp_model: jax.Array  # [B, N, K] f32
+
+
+def sampling_logits(logits: jax.Array, s: SamplingSettings) -> jax.Array:
+    """float32 logits of the distribution sampled from: temperature, then top-k, then top-p
+    (the smallest set of most likely tokens whose mass reaches top_p; ties at the edge kept).
+    Excluded tokens get -inf. Temperature 0 is handled by the caller (greedy)."""
+    x = logits.astype(jnp.float32) / max(s.temperature, 1e-6)
+    if s.top_k:
+        kth = jax.lax.top_k(x, s.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if s.top_p < 1.0:
+        sorted_desc = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+        keep_sorted = before < s.top_p  # the token that crosses top_p is kept
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return x
+
+
+def _choose(logits: jax.Array, key: jax.Array, s: SamplingSettings):
+    """One position: (token, logp_sampled, logp_model, topk ids, topk logp sampled, topk logp model)."""
+    logits = logits.astype(jnp.float32)
+    model_logp = jax.nn.log_softmax(logits, axis=-1)
+    cand_logit, cand_ids = jax.lax.top_k(logits, s.candidates)
+    cand_model = jnp.take_along_axis(model_logp, cand_ids, axis=-1)
+    if s.temperature == 0:
+        token = jnp.argmax(logits, axis=-1)
+        sampled_logp = jnp.where(jnp.arange(logits.shape[-1]) == token[:, None], 0.0, -jnp.inf)
+    else:
+        x = sampling_logits(logits, s)
+        sampled_logp = jax.nn.log_softmax(x, axis=-1)
+        token = jax.random.categorical(key, x, axis=-1)
+    token = token.astype(jnp.int32)
+    pick = lambda a: jnp.take_along_axis(a, token[:, None], axis=-1)[:, 0]
+    del cand_logit
+    return (token, pick(sampled_logp), pick(model_logp), cand_ids.astype(jnp.int32),
+            jnp.take_along_axis(sampled_logp, cand_ids, axis=-1), cand_model)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "pad_id", "plan"))
+def sample(params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, cfg: ModelConfig,
+           settings: SamplingSettings, *, pad_id: int = 0, plan: ShardingPlan | None = None) -> Rollout:
+    """Sample `settings.max_new_tokens` tokens after each (left- or right-padded) prompt row.
+
+    Row b at step i uses the random key fold_in(key, i): the draw depends on the key, the step
+    and the logits only (threefry is partitionable), not on how the batch is sharded.
+    """
+    B, P = prompt.shape
+    N = settings.max_new_tokens
+    cache = qwen.init_cache(cfg, B, P + N, jax.tree.leaves(params)[0].dtype)
+    hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache, plan=plan)
+    last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
+    first = _choose(qwen.logits_from_hidden(params, last), jax.random.fold_in(key, 0), settings)
+    stop = jnp.asarray(settings.stop_ids, jnp.int32)
+
+    def step(carry, i):
+        cache, chosen, done = carry
+        token = chosen[0]
+        real = ~done
+        emitted = jnp.where(real, token, pad_id)
+        done = done | jnp.isin(token, stop)
+        record = (emitted, real) + chosen[1:]
+        logits, cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=cache, plan=plan)
+        nxt = _choose(logits[:, 0], jax.random.fold_in(key, i + 1), settings)
+        return (cache, nxt, done), record
+
+    _, rec = jax.lax.scan(step, (cache, first, jnp.zeros((B,), bool)), jnp.arange(N))
+    tokens, real, lp_s, lp_m, cand, cand_s, cand_m = rec
+    zero_pad = lambda a: jnp.where(real.T if a.ndim == 2 else real.T[..., None], a.swapaxes(0, 1), 0.0)
+    return Rollout(tokens.T, real.T, zero_pad(lp_s), zero_pad(lp_m), cand.swapaxes(0, 1),
+                   jnp.where(real.T[..., None], cand_s.swapaxes(0, 1), -jnp.inf),
+                   jnp.where(real.T[..., None], cand_m.swapaxes(0, 1), -jnp.inf))

@@ -1,0 +1,327 @@
+"""The OPD loop: prompts -> student rollouts -> teacher scoring -> release rule -> update.
+
+    python launch/tpu_run.py --config configs/opd_demo.py          # the embedded toy pair
+
+One step, as the data flows (ARCHITECTURE.md):
+  1. sample    the current student answers `prompts_per_step` prompts `samples_per_prompt` times
+               (jitted; records pi_old of each token and the student's top-K candidates)
+  2. score     the frozen teacher scores the sampled tokens and the candidates (one chunked forward)
+  3. release   margins -> sentences (NLTK Punkt, host) -> BIC scan -> release weights w [B, R];
+               baselines (full / prefix_fraction / random_matched) only change w
+  4. update    the jitted, donated train step: masked loss, optax AdamW
+then metrics, pictures, evaluation and orbax checkpoints on their schedules.
+
+Randomness: step s uses fold_in(key(seed), s) for its rollouts and release baselines, so a run
+resumed from the checkpoint at step s draws exactly what an uninterrupted run would have drawn,
+and never reuses a rollout made before the checkpoint (rollouts are never stored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opdjax import losses, sharding
+from opdjax.data import prompts as prompt_data
+from opdjax.eval.harness import evaluate
+from opdjax.models import hf_io, qwen
+from opdjax.rollout.sampler import SamplingSettings, sample
+from opdjax.teachability import rule
+from opdjax.teachability.scoring import teacher_logprobs
+from opdjax.train import checkpoint as ckpt_lib
+from opdjax.train import metrics as metrics_lib
+from opdjax.train.step import (StepSettings, TrainBatch, init_state, jit_train_step, learning_rate_schedule,
+                               make_optimizer, state_shardings)
+from opdjax.train.validate import validate_config
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class Data:
+    train_prompts: list  # encoded prompt ids
+    train_answers: list
+    eval_prompts: list
+    eval_answers: list
+    prompt_len: int  # P: every prompt is left-padded to this many columns (one compile)
+
+
+def _dtype(name):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def load_tokenizer_for(section):
+    if section.gguf:
+        from opdjax.models import gguf_io
+        return gguf_io.load_gguf_tokenizer(section.gguf)
+    from opdjax.data.tokenizer import load_tokenizer
+    return load_tokenizer(section.path)
+
+
+def load_params(section, cfg, plan):
+    if section.gguf:
+        from opdjax.models import gguf_io
+        params, _ = gguf_io.load_gguf(section.gguf, plan=plan, dtype=section.dtype)
+        return params
+    params, _ = hf_io.load_pretrained(section.path, plan=plan, dtype=section.dtype)
+    return params
+
+
+def problems_for(config):
+    """(train, eval) lists of prompt_data.Problem from the files, or the embedded task."""
+    d = config.data
+    if d.task == "toy_arithmetic":
+        from opdjax.data import toy_task
+        def conv(ps, split):
+            return [prompt_data.Problem(prompt=p["prompt"], answer=str(p["answer"]), index=i,
+                                        source=f"toy_arithmetic:{split}:{i}", record=p) for i, p in enumerate(ps)]
+        return (conv(toy_task.make_problems(d.num_train, seed=config.seed, split="train"), "train"),
+                conv(toy_task.make_problems(d.num_eval, seed=config.seed, split="eval"), "eval"))
+    train = prompt_data.load_problems(d.train_file, prompt_field=d.prompt_field, answer_field=d.answer_field)
+    ev = prompt_data.load_problems(d.eval_file, prompt_field=d.prompt_field, answer_field=d.answer_field,
+                                   required_answer=True) if d.eval_file else []
+    return train, ev
+
+
+def encode_data(config, tokenizer, template: str | None) -> Data:
+    train, ev = problems_for(config)
+    if len(train) < config.batch.prompts_per_step:
+        raise ValueError(f"config.batch.prompts_per_step={config.batch.prompts_per_step} exceeds the "
+                         f"{len(train)} training prompts.")
+    kw = dict(system_prompt=config.data.system_prompt, enable_thinking=config.data.enable_thinking,
+              max_prompt_tokens=config.data.max_prompt_tokens, chat_template=template)
+    tr = prompt_data.encode_prompts(tokenizer, train, **kw)
+    ev = ev[:config.eval.num_problems]
+    evp = prompt_data.encode_prompts(tokenizer, ev, **kw)
+    P = max(map(len, tr + evp))
+    return Data(tr, [p.answer for p in train], evp, [p.answer for p in ev], P)
+
+
+def stop_ids(config, tokenizer, cfg) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = cfg.eos_token_id
+    ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    ids.update(int(i) for i in config.rollout.stop_tokens)
+    return tuple(sorted(ids))
+
+
+# ---------------------------------------------------------------------------------- one step
+def rollout_and_release(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
+                        tokenizer, prompt_rows, prompt_len, key, plan):
+    """Steps 1-3 for one batch of prompt rows: rollouts, teacher scores, release decision.
+    Returns (TrainBatch, decision, rollout, timings)."""
+    timings = {}
+    tok, pmask = prompt_data.left_pad(prompt_rows, tokenizer.pad_token_id, length=prompt_len)
+    tok_d = sharding.put_global_batch(plan, tok, ("batch", "length"))
+    pmask_d = sharding.put_global_batch(plan, pmask, ("batch", "length"))
+
+    t = time.perf_counter()
+    roll = jax.block_until_ready(sample(student_params, tok_d, pmask_d, jax.random.fold_in(key, 0), student_cfg,
+                                        sampling, pad_id=tokenizer.pad_token_id, plan=plan))
+    timings["sample_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    full = jnp.concatenate([tok_d, roll.tokens], axis=1)
+    fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
+    scores = jax.block_until_ready(teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg,
+                                                    prompt_len=prompt_len, chunk_tokens=config.loss.chunk_tokens,
+                                                    plan=plan))
+    timings["score_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if config.rollout.old_logp == "sampled":
+        old_logp, old_cand = roll.logp_sampled, roll.topk_logp_sampled
+    else:
+        old_logp, old_cand = roll.logp_model, roll.topk_logp_model
+    decision = rule.decide_release(
+        settings, tokenizer=tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
+        teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
+        student_sampled_logp=old_logp, student_cand_logp=old_cand, candidate_ids=roll.topk_ids,
+        key=jax.random.fold_in(key, 1))
+    coeff = losses.token_coefficients(decision.weights, roll.mask, config.loss.normalize)
+    advantage = jnp.where(roll.mask, decision.advantage, 0.0)
+    batch = TrainBatch(full, fmask, losses.LossInputs(roll.tokens, old_logp, advantage, roll.topk_ids,
+                                                      scores.candidate_logp), coeff)
+    batch = jax.block_until_ready(batch)
+    timings["release_s"] = time.perf_counter() - t
+    return batch, decision, roll, scores, timings
+
+
+def step_metrics(decision, roll, scores, step_out, timings, lr) -> dict:
+    m = {k: float(v) for k, v in step_out.items()}
+    for k, v in rule.summary(decision).items():
+        if isinstance(v, list):  # the decile curve: one scalar per decile
+            m.update({f"release/{k}_{i}": float(x) for i, x in enumerate(v)})
+        else:
+            m[f"release/{k}"] = v
+    mask = np.asarray(roll.mask)
+    n_tok = max(int(mask.sum()), 1)
+    adv = np.asarray(decision.advantage)
+    m["teacher/sampled_logp_mean"] = float(np.asarray(scores.sampled_logp)[mask].sum() / n_tok)
+    m["teacher/advantage_mean"] = float(np.where(mask, adv, 0).sum() / n_tok)
+    m["teacher/advantage_abs_mean"] = float(np.abs(np.where(mask, adv, 0)).sum() / n_tok)
+    m["rollout/student_logp_mean"] = float(np.asarray(roll.logp_model)[mask].sum() / n_tok)
+    m["rollout/mean_tokens"] = float(mask.sum(1).mean())
+    m["rollout/max_tokens_share"] = float(mask.all(1).mean())  # rows that hit max_new_tokens
+    m.update({f"timing/{k}": v for k, v in timings.items()})
+    step_s = sum(timings.values())
+    m["timing/step_s"] = step_s
+    m["timing/release_share"] = timings["release_s"] / step_s
+    m["perf/rollout_tokens_per_s"] = float(mask.sum()) / step_s
+    m["optimizer/learning_rate"] = float(lr)
+    return m
+
+
+# ---------------------------------------------------------------------------------- the loop
+def run(config) -> dict:
+    """Train; returns a summary dict (also written to workdir/summary.json)."""
+    t_start = time.perf_counter()
+    os.makedirs(config.workdir, exist_ok=True)
+    student_tok, teacher_tok = load_tokenizer_for(config.student), load_tokenizer_for(config.teacher)
+    checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
+    student_cfg, teacher_cfg, settings = checked.student_cfg, checked.teacher_cfg, checked.release
+    template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
+        config.tokenizer.chat_template]
+    data = encode_data(config, student_tok, template)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    plan = sharding.ShardingPlan(mesh)
+    log.info("mesh %s; rollout rows/step %d; prompt columns %d; %d train / %d eval prompts",
+             dict(mesh.shape), checked.rollout_rows, data.prompt_len, len(data.train_prompts), len(data.eval_prompts))
+
+    steps = config.train.steps
+    tx = make_optimizer(config.optimizer, steps)
+    lr_at = learning_rate_schedule(config.optimizer, steps)
+    dtype = _dtype(config.student.dtype)
+    st_sh = state_shardings(tx, student_cfg, plan, dtype)
+    abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        jax.eval_shape(lambda p: init_state(p, tx), qwen.abstract_params(student_cfg, dtype)), st_sh)
+    root = jax.random.key(config.seed)
+    stream = prompt_data.PromptStream(len(data.train_prompts), config.batch.prompts_per_step, seed=config.seed,
+                                      shuffle=config.data.shuffle)
+
+    ckpt = ckpt_lib.Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is None:
+        params = load_params(config.student, student_cfg, plan)
+        state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
+        del params
+        start = 0
+    else:
+        tree, meta = ckpt.restore(start, {"train": abstract_state, "rng": jax.ShapeDtypeStruct(
+            jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))})
+        state = tree["train"]
+        root = jax.random.wrap_key_data(tree["rng"])
+        stream.restore(meta["data"])
+        log.info("resumed from %s at step %d (data position %s)", ckpt.directory, start, meta["data"])
+    teacher_params = load_params(config.teacher, teacher_cfg, plan)
+
+    sampling = SamplingSettings(config.rollout.max_new_tokens, float(config.rollout.temperature),
+                                float(config.rollout.top_p), int(config.rollout.top_k), settings.top_k,
+                                stop_ids(config, student_tok, student_cfg)).check(student_cfg.vocab_size)
+    step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
+                                 microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
+                                 clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
+    train_step = jit_train_step(tx, student_cfg, teacher_cfg, step_settings, plan, dtype)
+    writer = metrics_lib.MetricsWriter(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
+    eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
+
+    def run_eval(step, params):
+        if not data.eval_prompts:
+            return {}
+        res = evaluate(params, student_cfg, student_tok, data.eval_prompts, data.eval_answers,
+                       samples=config.eval.samples, ks=tuple(config.eval.k), temperature=float(config.eval.temperature),
+                       greedy=config.eval.greedy, max_new_tokens=config.eval.max_new_tokens, stop_ids=sampling.stop_ids,
+                       key=eval_key, plan=plan, prompt_len=data.prompt_len)
+        writer.write(step, res.metrics)
+        writer.write_text(step, "eval/example", "\n\n".join(f"Q: {i}\nA: {t[0]}" for i, t in zip(
+            range(2), res.texts)))
+        log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in res.metrics.items()})
+        return res.metrics
+
+    summary = {"workdir": config.workdir, "release_mode": settings.mode, "loss": config.loss.name,
+               "start_step": start, "steps": steps}
+    if start == 0 and config.eval.num_problems and config.eval.before:
+        summary["eval_before"] = run_eval(0, state["params"])
+    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
+    per_step = []
+    preempted = False
+    with ckpt_lib.PreemptionGuard() as guard:
+        for step in range(start, steps):
+            key = jax.random.fold_in(root, step)
+            idx = stream.next_batch()
+            rows = [data.train_prompts[i] for i in idx for _ in range(config.rollout.samples_per_prompt)]
+            batch, decision, roll, scores, timings = rollout_and_release(
+                config, settings, sampling, state["params"], teacher_params, student_cfg, teacher_cfg,
+                student_tok, rows, data.prompt_len, key, plan)
+            t = time.perf_counter()
+            state, out = train_step(state, batch, teacher_params)
+            out = jax.device_get(out)  # blocks: one step in flight at a time (CPU collectives)
+            timings["update_s"] = time.perf_counter() - t
+            m = step_metrics(decision, roll, scores, out, timings, lr_at(step))
+            m["data/epoch"] = stream.epochs_done
+            writer.write(step + 1, m)
+            per_step.append(m)
+            progress.update(step + 1, tokens=int(np.asarray(roll.mask).sum()),
+                            extra={"loss": m["loss/total"], "kept": m.get("release/kept_share", float("nan"))})
+            every = config.metrics.pictures_every
+            if every and (step + 1) % every == 0:
+                rule.write_pictures(decision, os.path.join(config.workdir, "pictures"), step + 1,
+                                    response_ids=np.asarray(roll.tokens), response_mask=np.asarray(roll.mask),
+                                    tokenizer=student_tok, margin_name=settings.margin,
+                                    max_trajectories=config.metrics.pictures_per_step)
+            if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
+                run_eval(step + 1, state["params"])
+            preempted = guard.should_stop(step + 1)
+            if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps or preempted:
+                ckpt.save(step + 1, {"train": state, "rng": jax.random.key_data(root)},
+                          {"data": stream.state(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
+                          force=True)
+            if preempted:
+                log.warning("SIGTERM: saved the checkpoint at step %d; exiting cleanly", step + 1)
+                break
+    progress.close()
+    ckpt.wait()
+    summary["preempted"] = preempted
+    summary["final_step"] = int(state["step"])
+    summary["skipped_updates"] = int(state["skipped"])
+    if not preempted:
+        if config.checkpoint.export_hf:
+            out_dir = os.path.join(config.workdir, "student_hf")
+            hf_io.save_pretrained(state["params"], student_cfg, out_dir, tokenizer=student_tok)
+            summary["student_hf"] = out_dir
+        if config.eval.num_problems:
+            summary["eval_after"] = run_eval(steps, state["params"])
+    summary.update(_averages(per_step))
+    summary["wall_s"] = time.perf_counter() - t_start
+    writer.close()
+    ckpt.close()
+    with open(os.path.join(config.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    summary["final_params"] = state["params"]
+    return summary
+
+
+def _averages(per_step) -> dict:
+    """Means over steps (the first step's timings include compilation and are left out)."""
+    if not per_step:
+        return {}
+    out = {}
+    timed = per_step[1:] or per_step
+    for k in ("timing/sample_s", "timing/score_s", "timing/release_s", "timing/update_s", "timing/step_s",
+              "perf/rollout_tokens_per_s"):
+        out[f"mean_{k}"] = float(np.mean([m[k] for m in timed]))
+    out["mean_timing/release_share"] = out["mean_timing/release_s"] / out["mean_timing/step_s"]
+    for k in ("release/release_rate", "release/kept_share", "release/shuffled_release_rate", "loss/total"):
+        vals = [m[k] for m in per_step if k in m]
+        if vals:
+            out[f"mean_{k}"] = float(np.mean(vals))
+    return out
