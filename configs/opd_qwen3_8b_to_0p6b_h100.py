@@ -50,6 +50,7 @@ def get_config(arg=None):
 
     c.rollout.samples_per_prompt = 4
     c.rollout.max_new_tokens = 4096
+    c.rollout.cache_dtype = "bfloat16"  # halves the largest per-chip term (the sampler KV cache)
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
 

@@ -11,11 +11,11 @@ From a workstation with gcloud configured (launch/README.md):
     launch/gcloud_tpu.sh run --config configs/opd_qwen3_8b_to_1p7b_v5p.py \
         --config.student.path=ckpt/Qwen3-1.7B --config.teacher.path=ckpt/Qwen3-8B \
         --config.data.train_file=data/math_train.jsonl --config.data.eval_file=data/math500.jsonl \
-        --config.workdir=gs://my-bucket/opd/qwen3_8b_to_1p7b
+        --config.checkpoint.directory=gs://my-bucket/opd/qwen3_8b_to_1p7b/checkpoints
 
 Every worker runs the same `launch/tpu_run.py` command and joins the job with
-jax.distributed.initialize(); checkpoint paths and the workdir must be the same on every worker
-(a gs:// workdir, or a shared disk). Data files: JSONL with "prompt" and "answer" fields.
+jax.distributed.initialize(); the checkpoint directory must be one place every worker sees (a gs://
+path, or a shared disk). Process 0 writes metrics, pictures and the report to its local workdir. Data files: JSONL with "prompt" and "answer" fields.
 
 Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
 train step, decode at 25% of HBM bandwidth — not measured): ~1.5 min per step, of which ~70 s
@@ -36,7 +36,7 @@ def get_config(arg=None):
     del arg
     c = opd_config()
     c.job = "opd"
-    c.workdir = "runs/opd_qwen3_8b_to_1p7b_v5p"  # use a gs:// path on a multi-host slice
+    c.workdir = "runs/opd_qwen3_8b_to_1p7b_v5p"  # metrics/pictures (process 0); checkpoints: checkpoint.directory
     c.chip = "v5p"
 
     c.student.path = ""  # --config.student.path=<Qwen3-1.7B HF checkpoint dir>
@@ -54,6 +54,7 @@ def get_config(arg=None):
 
     c.rollout.samples_per_prompt = 8
     c.rollout.max_new_tokens = 4096
+    c.rollout.cache_dtype = "bfloat16"  # halves the largest per-chip term (the sampler KV cache)
     c.rollout.temperature = 1.0  # on-policy: sample from the student's own distribution
     c.rollout.top_p = 1.0
 

@@ -26,14 +26,17 @@ s = log softmax(student logits), t = log softmax(teacher logits), p = e^s, q = e
                    temperature 1), re-implemented here:
                      β = 0      : KL(teacher ‖ student)  (forward KL; TRL special-cases it)
                      β = 1      : KL(student ‖ teacher)  (reverse KL; TRL special-cases it)
-                     0 < β < 1  : m = log((1−β) p + β q)
-                                  JSD_β = β · KL(teacher ‖ m) + (1−β) · KL(student ‖ m)
+                     0 < β < 1  : M = (1−β) p + β q  (log M by logsumexp)
+                                  JSD_β = β · KL(teacher ‖ M) + (1−β) · KL(student ‖ M)
                    so β weighs the *teacher's* KL to the mixture and the mixture leans to the
                    teacher by β. Limits: JSD_β/β → KL(teacher ‖ student) as β → 0 and
                    JSD_β/(1−β) → KL(student ‖ teacher) as β → 1 (TRL's docs: "β = 0: KL,
                    β = 1: inverse KL"). TRL's default and ours: β = 0.5 (the symmetric JSD).
                    TRL averages over the labelled tokens ("batchmean" with labels), which is our
-                   `kept_tokens` normalisation with w = the label mask.
+                   `kept_tokens` normalisation with w = the label mask. (Early TRL releases, 2024,
+                   trl/trainer/gkd_trainer.py, used a log-space interpolation β t + (1−β) s instead
+                   of the mixture M; the endpoints β = 0 / 1 agree, the interior does not — pin the
+                   TRL version in a benchmark.)
 
 Numerical conventions (ours):
   * pg: positions whose old_logp or advantage is not finite, or whose sampled id is outside
@@ -45,7 +48,7 @@ Numerical conventions (ours):
   * reverse_kl_topk: a candidate slot is *present* iff its id is in [0, V) and its teacher
     log-prob is finite (the scorer gives −inf to −1 fillers: see teachability/margins.py); absent
     slots belong to the tail. Present ids are assumed distinct (they come from a top-K). The
-    student's tail log-mass is computed exactly, as a logsumexp over the logits of the
+    student's tail mass is computed exactly, as a masked sum of exp(z − max z) over the
     non-candidate tokens (no 1 − Σ cancellation); the teacher's from its candidate log-probs as
     log(−expm1(logsumexp t_k)), clamped at 0 mass when rounding makes Σ q_k ≥ 1. Both tail
     masses get `TAIL_FLOOR` added (log(tail + floor)), so an empty tail (K = V, or the teacher's
@@ -59,7 +62,12 @@ one token, of Σ_t w l / Σ_t w.
 
 Memory: `chunked_loss` scans over T in chunks of `chunk_tokens` with `jax.checkpoint` around
 each chunk, so neither the forward nor the backward pass holds more than one chunk's [B, c, V]
-float32 logits (Qwen3's V is 151,936; a whole [B, T, V] would not fit).
+float32 logits at a time (Qwen3's V is 151,936; a whole [B, T, V] would not fit), plus a few
+chunk-sized temporaries. The KL losses have closed-form VJPs (dz = p ⊙ (g − Σ p g)) and
+one-pass variadic reductions, so that XLA keeps few of them: compiled value_and_grad temp memory
+on CPU (tests/test_losses.py, B=2, T=1024, V=32768, chunk 128) is ≈ 2 chunk-sized [B, c, V] f32
+buffers for pg and ≈ 3 for the others, independent of T — 0.25–0.38 of one [B, T, V] f32 array
+(the unchunked computation needs 2× (pg) to 5× (jsd) of it).
 """
 from __future__ import annotations
 
@@ -451,6 +459,8 @@ def chunked_loss(name: str, *, student_hidden: Array, student_logits_fn: Callabl
     _check_inputs(spec, inputs, True)
     if name == "jsd":
         jsd_beta = _check_beta(jsd_beta)
+    if name == "pg" and isinstance(clip_eps, (int, float)) and not 0.0 <= clip_eps < 1.0:
+        raise ValueError(f"loss.clip_eps={clip_eps!r} must be in [0, 1)")
     if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
         raise ValueError(f"loss.chunk_tokens={chunk_tokens!r} must be an int >= 1")
     B, T = student_hidden.shape[:2]

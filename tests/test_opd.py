@@ -210,3 +210,23 @@ def test_tokenizer_and_template_mismatch(pair, tmp_path):
     _expect(c, r"chat_template.*--config\.tokenizer\.chat_template=student")
     c.tokenizer.chat_template = "student"
     validate_config(c)
+
+
+def test_compare_job_writes_the_report(pair, tmp_path):
+    from opdjax.train import compare
+    c = tiny_config(pair, tmp_path, **{"train.steps": 2, "checkpoint.every": 0, "metrics.pictures_every": 1,
+                                       "mesh.shape": (1, -1, 1)})
+    c.job = "opd_compare"
+    c.compare.arms = ("bic", "random_matched")
+    out = compare.run(c)
+    assert set(out["arms"]) == {"bic", "random_matched"}
+    assert "eval/greedy_accuracy" in out["untrained"]
+    assert "eval_before" not in out["arms"]["random_matched"]  # the untrained student is evaluated once
+    for f in ("report.md", "report.html", "accuracy.png", "curves.png", "compare.json"):
+        assert os.path.getsize(tmp_path / f) > 0, f
+    text = (tmp_path / "report.md").read_text()
+    assert "## Verdict" in text and "release.mode=random_matched" in text and "pass@2" in text
+    with pytest.raises(ValueError, match=r"config\.compare\.arms"):
+        c2 = tiny_config(pair, tmp_path)
+        c2.compare.arms = ("bic", "sometimes")
+        compare.run(c2)

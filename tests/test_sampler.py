@@ -143,3 +143,19 @@ def test_settings_errors_name_the_field():
         SamplingSettings(4, candidates=41, stop_ids=(1,)).check(40)
     with pytest.raises(ValueError, match="rollout.stop_tokens"):
         SamplingSettings(4, stop_ids=(40,)).check(40)
+
+
+def test_bfloat16_cache_of_a_float32_model():
+    """cache_dtype=bfloat16 halves the cache; the records stay float32 and close to the f32 cache's."""
+    toks, mask = _prompts()
+    base = dict(max_new_tokens=8, temperature=0.0, candidates=3, stop_ids=(7,))
+    a = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0), CFG, SamplingSettings(**base))
+    b = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0), CFG,
+               SamplingSettings(**base, cache_dtype="bfloat16"))
+    assert b.topk_logp_model.dtype == jnp.float32
+    first = np.asarray(a.mask[:, 0])
+    np.testing.assert_array_equal(np.asarray(a.tokens[:, 0]), np.asarray(b.tokens[:, 0]))  # from the prefill
+    same = np.asarray(a.tokens) == np.asarray(b.tokens)
+    assert same.mean() > 0.7 and first.all()
+    with pytest.raises(ValueError, match="rollout.cache_dtype"):
+        SamplingSettings(4, stop_ids=(1,), cache_dtype="int8").check(40)

@@ -3,6 +3,7 @@ import dataclasses
 import filecmp
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -100,5 +101,14 @@ def test_build_runs_end_to_end_tiny(tmp_path):
     for name in ("teacher", "student"):
         assert filecmp.cmp(tmp_path / "a" / name / "model.safetensors",
                            tmp_path / "b" / name / "model.safetensors", shallow=False)
+    # retraining only the student (the --only path) reproduces it and keeps the teacher
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    os.remove(tmp_path / "c" / "student" / "model.safetensors")
+    rec_c = toy_pair.build_toy_pair(tmp_path / "c", **kw, models=("student",))
+    assert rec_c["rebuilt_only"] == ["student"]
+    assert rec_c["models"]["teacher"]["loss_log"] == rec["models"]["teacher"]["loss_log"]
+    for name in ("teacher", "student"):
+        assert filecmp.cmp(tmp_path / "a" / name / "model.safetensors",
+                           tmp_path / "c" / name / "model.safetensors", shallow=False)
     with pytest.raises(FileNotFoundError):
         toy_pair.load_toy_pair(tmp_path / "missing")

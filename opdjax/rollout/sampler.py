@@ -36,6 +36,7 @@ class SamplingSettings:
     top_k: int = 0  # 0 = off
     candidates: int = 8  # K of the recorded student top-K
     stop_ids: tuple[int, ...] = ()
+    cache_dtype: str = ""  # "" = the params' dtype; "bfloat16" halves the KV cache of a float32 student
 
     def check(self, vocab_size: int, section: str = "rollout") -> "SamplingSettings":
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -53,6 +54,9 @@ class SamplingSettings:
         if not self.stop_ids:
             raise ValueError(f"{section}.stop_tokens: no stop token at all (the tokenizer has no EOS?); "
                              "give at least one id.")
+        if self.cache_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"{section}.cache_dtype={self.cache_dtype!r}: choose '' (the params' dtype), "
+                             "float32 or bfloat16.")
         bad = [i for i in self.stop_ids if not 0 <= i < vocab_size]
         if bad:
             raise ValueError(f"{section}.stop_tokens: id {bad[0]} is outside the vocabulary [0, {vocab_size}).")
@@ -117,7 +121,7 @@ def sample(params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, cf
     """
     B, P = prompt.shape
     N = settings.max_new_tokens
-    cache = qwen.init_cache(cfg, B, P + N, jax.tree.leaves(params)[0].dtype)
+    cache = qwen.init_cache(cfg, B, P + N, settings.cache_dtype or jax.tree.leaves(params)[0].dtype)
     hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache, plan=plan)
     last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
     first = _choose(qwen.logits_from_hidden(params, last), jax.random.fold_in(key, 0), settings)

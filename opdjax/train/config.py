@@ -63,6 +63,7 @@ def opd_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0  # 0 = off
+    c.rollout.cache_dtype = ""  # sampler KV cache: "" = the student's param dtype | bfloat16 | float32
     c.rollout.stop_tokens = ()  # extra stop ids; the tokenizer's EOS always stops
     # which student log-prob is pi_old in the loss and in A_t: "sampled" = the distribution actually
     # sampled from (after temperature / top-p / top-k), "model" = the student's own softmax.
@@ -105,6 +106,7 @@ def opd_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 128
 
     c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.directory = ""  # "" = workdir/checkpoints; any path orbax can write (gs://... on a pod)
     c.checkpoint.every = 50  # steps; 0 = only at the end (and on SIGTERM)
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True

@@ -304,9 +304,10 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
 
     # rollout ---------------------------------------------------------------------------------
     cache_shape = (S.num_layers, rollout_rows, T, S.num_kv_heads, S.head_dim)
-    cache = 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * sb
+    c_dtype = config.rollout.get("cache_dtype", "") or s_dtype
+    cache = 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * _ITEMSIZE[c_dtype]
     cache += sh.elements((rollout_rows, T), ("batch", "cache_length"))  # valid mask, bool
-    add("sampler KV cache", "rollout", cache, _fmt_shape(cache_shape, s_dtype, 2),
+    add("sampler KV cache", "rollout", cache, _fmt_shape(cache_shape, c_dtype, 2),
         sh.describe(cache_shape, qwen.CACHE_AXES))
     prefill_block = min(P, qwen.ATTN_CHUNK)
     add("prefill layer", "rollout",

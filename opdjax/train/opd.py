@@ -207,7 +207,8 @@ def run(config) -> dict:
     stream = prompt_data.PromptStream(len(data.train_prompts), config.batch.prompts_per_step, seed=config.seed,
                                       shuffle=config.data.shuffle)
 
-    ckpt = ckpt_lib.Checkpointer(os.path.join(config.workdir, "checkpoints"), keep=config.checkpoint.keep,
+    ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
+                                 keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     start = ckpt.latest_step()
     if start is None:
@@ -226,12 +227,18 @@ def run(config) -> dict:
 
     sampling = SamplingSettings(config.rollout.max_new_tokens, float(config.rollout.temperature),
                                 float(config.rollout.top_p), int(config.rollout.top_k), settings.top_k,
-                                stop_ids(config, student_tok, student_cfg)).check(student_cfg.vocab_size)
+                                stop_ids(config, student_tok, student_cfg),
+                                config.rollout.cache_dtype).check(student_cfg.vocab_size)
     step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
                                  microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
                                  clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
     train_step = jit_train_step(tx, student_cfg, teacher_cfg, step_settings, plan, dtype)
-    writer = metrics_lib.MetricsWriter(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
+    # Multi-host: process 0 writes the run's metrics, pictures and summary; the others keep theirs
+    # apart (workdir/process<i>) so nothing is written twice to one file.
+    out_dir = config.workdir if jax.process_index() == 0 else os.path.join(config.workdir,
+                                                                            f"process{jax.process_index()}")
+    writer = metrics_lib.MetricsWriter(out_dir, tensorboard=config.metrics.tensorboard and out_dir == config.workdir,
+                                       resume_step=start)
     eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
 
     def run_eval(step, params):
@@ -274,7 +281,7 @@ def run(config) -> dict:
                             extra={"loss": m["loss/total"], "kept": m.get("release/kept_share", float("nan"))})
             every = config.metrics.pictures_every
             if every and (step + 1) % every == 0:
-                rule.write_pictures(decision, os.path.join(config.workdir, "pictures"), step + 1,
+                rule.write_pictures(decision, os.path.join(out_dir, "pictures"), step + 1,
                                     response_ids=np.asarray(roll.tokens), response_mask=np.asarray(roll.mask),
                                     tokenizer=student_tok, margin_name=settings.margin,
                                     max_trajectories=config.metrics.pictures_per_step)
@@ -295,16 +302,16 @@ def run(config) -> dict:
     summary["skipped_updates"] = int(state["skipped"])
     if not preempted:
         if config.checkpoint.export_hf:
-            out_dir = os.path.join(config.workdir, "student_hf")
-            hf_io.save_pretrained(state["params"], student_cfg, out_dir, tokenizer=student_tok)
-            summary["student_hf"] = out_dir
+            hf_dir = os.path.join(config.workdir, "student_hf")
+            hf_io.save_pretrained(state["params"], student_cfg, hf_dir, tokenizer=student_tok)  # collective
+            summary["student_hf"] = hf_dir
         if config.eval.num_problems:
             summary["eval_after"] = run_eval(steps, state["params"])
     summary.update(_averages(per_step))
     summary["wall_s"] = time.perf_counter() - t_start
     writer.close()
     ckpt.close()
-    with open(os.path.join(config.workdir, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     summary["final_params"] = state["params"]
     return summary
