@@ -37,18 +37,22 @@ def get_config(arg=None):
     c.batch.prompts_per_step = 16
 
     c.release.top_k = 8
-    c.loss.name = "pg"
+    # reverse_kl_topk: exact KL(student || teacher) over the student's top-8 + tail, differentiated
+    # directly. On this pair, 100 steps at 3e-4 measured greedy 0.445 -> 0.531 (pg at 1e-4:
+    # -> 0.469; reverse_kl_topk at 1e-3 diverged to 0.266).
+    c.loss.name = "reverse_kl_topk"
     c.optimizer.learning_rate = 3e-4
     c.optimizer.warmup_steps = 5
     c.optimizer.grad_clip = 1.0
 
-    c.train.steps = 60
+    c.train.steps = 200
+    c.eval.every = 50
     c.eval.num_problems = 128
     c.eval.samples = 4
     c.eval.k = (1, 4)
     c.eval.max_new_tokens = 96
 
-    c.checkpoint.every = 20
-    c.metrics.pictures_every = 20
+    c.checkpoint.every = 50
+    c.metrics.pictures_every = 50
     c.compare.arms = ("bic", "full")
     return c

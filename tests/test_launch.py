@@ -142,5 +142,6 @@ def test_notebook_runs_tiny_on_cpu(tmp_path, monkeypatch):
     assert sys.executable in out and "tiny=True" in out
     assert "opdjax already installed from" in out  # a checkout: no pip install
     assert "cpu 1" in out  # the device cell
-    assert "smoke OK" in out and "--config.max_new_tokens=4" in out
-    assert (workdir / "smoke.json").exists()
+    assert "OPD comparison done" in out and "--config.train.steps=2" in out
+    for f in ("report.md", "report.html", "curves.png", "accuracy.png", "compare.json"):
+        assert (workdir / f).exists(), f

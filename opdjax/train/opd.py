@@ -327,7 +327,8 @@ def _averages(per_step) -> dict:
               "perf/rollout_tokens_per_s"):
         out[f"mean_{k}"] = float(np.mean([m[k] for m in timed]))
     out["mean_timing/release_share"] = out["mean_timing/release_s"] / out["mean_timing/step_s"]
-    for k in ("release/release_rate", "release/kept_share", "release/shuffled_release_rate", "loss/total"):
+    for k in ("release/release_rate", "release/rule_release_rate", "release/kept_share",
+              "release/shuffled_release_rate", "loss/total"):
         vals = [m[k] for m in per_step if k in m]
         if vals:
             out[f"mean_{k}"] = float(np.mean(vals))

@@ -12,8 +12,9 @@ import numpy as np
 
 from opdjax.train import metrics as metrics_lib
 
-CURVE_KEYS = ["loss/total", "release/kept_share", "release/release_rate", "release/shuffled_release_rate",
-              "rollout/mean_tokens", "teacher/advantage_mean"]
+CURVE_KEYS = ["eval/greedy_accuracy", "eval/pass@1", "loss/total", "teacher/advantage_mean",
+              "release/kept_share", "release/release_rate", "release/rule_release_rate",
+              "release/shuffled_release_rate", "rollout/mean_tokens"]
 
 
 def _se(p: float, n: int) -> float:
@@ -77,10 +78,10 @@ def write_compare_report(config, out) -> str:
     rows = _acc_rows(out, config)
     _plot_accuracy(rows, ks, n, os.path.join(wd, "accuracy.png"))
     records = {arm: metrics_lib.read_metrics(os.path.join(wd, arm, "metrics.jsonl")) for arm in out["arms"]}
-    records = {arm: [r for r in recs if "loss/total" in r] for arm, recs in records.items()}
     metrics_lib.plot_curves(records, CURVE_KEYS, os.path.join(wd, "curves.png"),
                             title="OPD learning and release curves per arm")
-    pics = sorted(glob.glob(os.path.join(wd, next(iter(out["arms"])), "pictures", "*.png")))[-2:]
+    pics = sorted(glob.glob(os.path.join(wd, next(iter(out["arms"])), "pictures", "**", "*.png"),
+                            recursive=True))[-2:]
 
     md = [f"# OPD comparison: {', '.join(out['arms'])}", "",
           f"{config.train.steps} steps per arm, {config.batch.prompts_per_step} prompts x "
@@ -105,10 +106,15 @@ def write_compare_report(config, out) -> str:
                   f"{g('timing/update_s'):.3f} | {100 * g('timing/release_share'):.1f}% | "
                   f"{g('perf/rollout_tokens_per_s'):.0f} |")
     md += ["", "## Release decisions", "",
-           "| arm | release rate | shuffled-order rate (chance) | kept token share |", "|---|---|---|---|"]
+           "Release rate = share of rollouts whose supervision was cut in that arm; the rule's rate is "
+           "where the BIC rule would cut (computed in every arm); chance = the rule on each rollout's "
+           "sentence scores in a random order.", "",
+           "| arm | release rate | rule's rate | shuffled-order rate (chance) | kept token share |",
+           "|---|---|---|---|---|"]
     for arm, s in out["arms"].items():
         g = lambda k: s.get(f"mean_{k}", float("nan"))
-        md.append(f"| {arm} | {g('release/release_rate'):.3f} | {g('release/shuffled_release_rate'):.3f} | "
+        md.append(f"| {arm} | {g('release/release_rate'):.3f} | {g('release/rule_release_rate'):.3f} | "
+                  f"{g('release/shuffled_release_rate'):.3f} | "
                   f"{g('release/kept_share'):.3f} |")
     if pics:
         md += ["", "## Example trajectories (last pictures of the first arm)", ""]
