@@ -135,7 +135,9 @@ def print_table(res):
         sh = r["summary"]["shares"]
         verdict = "OK (< 2%)" if r["summary"]["release_share"] < 0.02 else "ABOVE the 2% goal"
         print(f"  {name:<6} " + "  ".join(f"{k[:-2]} {100 * v:5.1f}%" for k, v in sh.items())
-              + f"   release rule: {verdict} (max over steps {100 * r['summary']['release_share_max']:.2f}%)")
+              + f"   release rule: {verdict} (max over steps {100 * r['summary']['release_share_max']:.2f}%; "
+              f"with the host segmentation that overlaps scoring: {100 * r['summary']['release_share_incl_segments']:.2f}%, "
+              f"segment {r['summary']['segment_s']:.3f} s)")
     for name, r in res["setups"].items():
         if "RANDOM" in r["pair"]["source"]:
             print(f"NOTE [{name}]: {r['pair']['source']}")

@@ -287,6 +287,11 @@ def summarize(steps: list[dict]) -> dict:
     out["shares"] = {k: median([s[k] / s["step_s"] for s in steps]) for k in PHASES}
     out["release_share"] = out["shares"]["release_s"]
     out["release_share_max"] = max(s["release_s"] / s["step_s"] for s in steps)
+    # host sentence segmentation runs while the teacher scores (inside score_s): its share, if it
+    # were not overlapped, is the release rule's whole cost
+    out["segment_s"] = median([s.get("segment_s", 0.0) for s in steps])
+    out["release_share_incl_segments"] = median([(s["release_s"] + s.get("segment_s", 0.0)) / s["step_s"]
+                                                 for s in steps])
     out["real_tokens_per_step"] = median([s["real_tokens"] for s in steps])
     out["rollout_tokens_per_s"] = median([s["real_tokens"] / s["step_s"] for s in steps])
     out["generated_columns_per_s"] = median([s["rows"] * s["response_columns"] / s["step_s"] for s in steps])

@@ -159,3 +159,17 @@ def test_bfloat16_cache_of_a_float32_model():
     assert same.mean() > 0.7 and first.all()
     with pytest.raises(ValueError, match="rollout.cache_dtype"):
         SamplingSettings(4, stop_ids=(1,), cache_dtype="int8").check(40)
+
+
+def test_early_exit_keeps_the_fixed_shape():
+    """Every row stops at its first token (all ids are stop ids): the loop ends after one column
+    and the rest is padding, exactly as if it had run all N steps."""
+    toks, mask = _prompts()
+    s = SamplingSettings(max_new_tokens=6, temperature=1.0, candidates=2, stop_ids=tuple(range(40)))
+    r = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(2), CFG, s, pad_id=0)
+    assert r.tokens.shape == (4, 6) and r.topk_ids.shape == (4, 6, 2)
+    real = np.asarray(r.mask)
+    assert real[:, 0].all() and not real[:, 1:].any()
+    assert (np.asarray(r.tokens)[:, 1:] == 0).all() and (np.asarray(r.logp_model)[:, 1:] == 0).all()
+    assert np.isneginf(np.asarray(r.topk_logp_model)[:, 1:]).all()
+    assert np.isfinite(np.asarray(r.logp_model)[:, 0]).all()

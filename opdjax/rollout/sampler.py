@@ -1,4 +1,5 @@
-"""The student's sampler: one jitted prefill + a scanned decode loop over a fixed-size KV cache.
+"""The student's sampler: one jitted prefill + a decode loop over a fixed-size KV cache that
+stops as soon as every row has emitted a stop token (the outputs keep their fixed [B, N] shape).
 
 For every generated position it records what the rest of the step needs, so nothing is
 recomputed later:
@@ -127,20 +128,32 @@ def sample(params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, cf
     first = _choose(qwen.logits_from_hidden(params, last), jax.random.fold_in(key, 0), settings)
     stop = jnp.asarray(settings.stop_ids, jnp.int32)
 
-    def step(carry, i):
-        cache, chosen, done = carry
+    K = settings.candidates
+    # Output buffers, filled column by column; a column never reached keeps the padding values.
+    bufs = (jnp.full((N, B), pad_id, jnp.int32), jnp.zeros((N, B), bool), jnp.zeros((N, B), jnp.float32),
+            jnp.zeros((N, B), jnp.float32), jnp.zeros((N, B, K), jnp.int32),
+            jnp.full((N, B, K), -jnp.inf, jnp.float32), jnp.full((N, B, K), -jnp.inf, jnp.float32))
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < N) & ~jnp.all(done)  # stop early once every row has emitted a stop token
+
+    def body(carry):
+        i, cache, chosen, done, bufs = carry
         token = chosen[0]
         real = ~done
         emitted = jnp.where(real, token, pad_id)
         done = done | jnp.isin(token, stop)
-        record = (emitted, real) + chosen[1:]
+        fill = lambda a, pad: jnp.where(real.reshape(real.shape + (1,) * (a.ndim - 1)), a, pad)
+        record = (emitted, real, fill(chosen[1], 0.0), fill(chosen[2], 0.0), chosen[3],
+                  fill(chosen[4], -jnp.inf), fill(chosen[5], -jnp.inf))
+        bufs = tuple(jax.lax.dynamic_update_index_in_dim(b, r.astype(b.dtype), i, axis=0)
+                     for b, r in zip(bufs, record))
         logits, cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=cache, plan=plan)
         nxt = _choose(logits[:, 0], jax.random.fold_in(key, i + 1), settings)
-        return (cache, nxt, done), record
+        return i + 1, cache, nxt, done, bufs
 
-    _, rec = jax.lax.scan(step, (cache, first, jnp.zeros((B,), bool)), jnp.arange(N))
-    tokens, real, lp_s, lp_m, cand, cand_s, cand_m = rec
-    zero_pad = lambda a: jnp.where(real.T if a.ndim == 2 else real.T[..., None], a.swapaxes(0, 1), 0.0)
-    return Rollout(tokens.T, real.T, zero_pad(lp_s), zero_pad(lp_m), cand.swapaxes(0, 1),
-                   jnp.where(real.T[..., None], cand_s.swapaxes(0, 1), -jnp.inf),
-                   jnp.where(real.T[..., None], cand_m.swapaxes(0, 1), -jnp.inf))
+    carry = (jnp.zeros((), jnp.int32), cache, first, jnp.zeros((B,), bool), bufs)
+    *_, bufs = jax.lax.while_loop(cond, body, carry)
+    tokens, real, lp_s, lp_m, cand, cand_s, cand_m = (b.swapaxes(0, 1) for b in bufs)
+    return Rollout(tokens, real, lp_s, lp_m, cand, cand_s, cand_m)

@@ -106,13 +106,15 @@ class ReleaseDecision(NamedTuple):
 
 def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, response_mask,
                    teacher_sampled_logp, teacher_cand_logp, student_sampled_logp, student_cand_logp,
-                   candidate_ids, key: jax.Array | None = None) -> ReleaseDecision:
+                   candidate_ids, key: jax.Array | None = None, segments: Segments | None = None) -> ReleaseDecision:
     """Release decision for one batch of rollouts. All [B, R] / [B, R, K] arrays are
-    response-aligned (R response columns, right-padded; `response_mask` marks real tokens)."""
+    response-aligned (R response columns, right-padded; `response_mask` marks real tokens).
+    `segments`: the sentence segmentation of these responses if already made (it depends on the
+    tokens only, so the trainer computes it on the host while the teacher scores on device)."""
     m = margins.margin(settings.margin, teacher_sampled_logp, student_sampled_logp, teacher_cand_logp,
                        student_cand_logp, candidate_ids, response_ids, response_mask)
-    segs = segment_batch(tokenizer, np.asarray(response_ids), np.asarray(response_mask),
-                         split_blank_lines=settings.split_blank_lines)
+    segs = segments if segments is not None else segment_batch(
+        tokenizer, np.asarray(response_ids), np.asarray(response_mask), split_blank_lines=settings.split_blank_lines)
     too_long = int(segs.num_sentences.max(initial=0))
     if too_long > settings.max_sentences:
         raise ValueError(f"a response has {too_long} sentences but release.max_sentences="

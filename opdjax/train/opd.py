@@ -34,6 +34,7 @@ from opdjax.models import hf_io, qwen
 from opdjax.rollout.sampler import SamplingSettings, sample
 from opdjax.teachability import rule
 from opdjax.teachability.scoring import teacher_logprobs
+from opdjax.teachability.segments import segment_batch
 from opdjax.train import checkpoint as ckpt_lib
 from opdjax.train import metrics as metrics_lib
 from opdjax.train.step import (StepSettings, TrainBatch, init_state, jit_train_step, learning_rate_schedule,
@@ -127,13 +128,19 @@ def rollout_and_release(config, settings, sampling, student_params, teacher_para
                                         sampling, pad_id=tokenizer.pad_token_id, plan=plan))
     timings["sample_s"] = time.perf_counter() - t
 
+    # Teacher scoring is dispatched asynchronously; the host splits the responses into sentences
+    # (they depend on the sampled tokens only) while the device scores.
     t = time.perf_counter()
     full = jnp.concatenate([tok_d, roll.tokens], axis=1)
     fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
-    scores = jax.block_until_ready(teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg,
-                                                    prompt_len=prompt_len, chunk_tokens=config.loss.chunk_tokens,
-                                                    plan=plan))
-    timings["score_s"] = time.perf_counter() - t
+    scores = teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg, prompt_len=prompt_len,
+                              chunk_tokens=config.loss.chunk_tokens, plan=plan)
+    t_seg = time.perf_counter()
+    segments = segment_batch(tokenizer, np.asarray(roll.tokens), np.asarray(roll.mask),
+                             split_blank_lines=settings.split_blank_lines)
+    timings["segment_s"] = time.perf_counter() - t_seg  # host, overlapped with scoring
+    jax.block_until_ready(scores)
+    timings["score_s"] = time.perf_counter() - t  # scoring wall time, segmentation inside it
 
     t = time.perf_counter()
     if config.rollout.old_logp == "sampled":
@@ -144,7 +151,7 @@ def rollout_and_release(config, settings, sampling, student_params, teacher_para
         settings, tokenizer=tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
         teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
         student_sampled_logp=old_logp, student_cand_logp=old_cand, candidate_ids=roll.topk_ids,
-        key=jax.random.fold_in(key, 1))
+        key=jax.random.fold_in(key, 1), segments=segments)
     coeff = losses.token_coefficients(decision.weights, roll.mask, config.loss.normalize)
     advantage = jnp.where(roll.mask, decision.advantage, 0.0)
     batch = TrainBatch(full, fmask, losses.LossInputs(roll.tokens, old_logp, advantage, roll.topk_ids,
@@ -171,9 +178,12 @@ def step_metrics(decision, roll, scores, step_out, timings, lr) -> dict:
     m["rollout/mean_tokens"] = float(mask.sum(1).mean())
     m["rollout/max_tokens_share"] = float(mask.all(1).mean())  # rows that hit max_new_tokens
     m.update({f"timing/{k}": v for k, v in timings.items()})
-    step_s = sum(timings.values())
+    step_s = sum(v for k, v in timings.items() if k != "segment_s")  # segment_s is inside score_s
     m["timing/step_s"] = step_s
+    # the release rule's own cost: the decision after scoring, plus the host segmentation
+    # (overlapped with scoring on an accelerator; on a CPU it competes for the same cores)
     m["timing/release_share"] = timings["release_s"] / step_s
+    m["timing/release_share_incl_segments"] = (timings["release_s"] + timings["segment_s"]) / step_s
     m["perf/rollout_tokens_per_s"] = float(mask.sum()) / step_s
     m["optimizer/learning_rate"] = float(lr)
     return m
@@ -323,8 +333,8 @@ def _averages(per_step) -> dict:
         return {}
     out = {}
     timed = per_step[1:] or per_step
-    for k in ("timing/sample_s", "timing/score_s", "timing/release_s", "timing/update_s", "timing/step_s",
-              "perf/rollout_tokens_per_s"):
+    for k in ("timing/sample_s", "timing/score_s", "timing/segment_s", "timing/release_s", "timing/update_s",
+              "timing/step_s", "perf/rollout_tokens_per_s", "timing/release_share_incl_segments"):
         out[f"mean_{k}"] = float(np.mean([m[k] for m in timed]))
     out["mean_timing/release_share"] = out["mean_timing/release_s"] / out["mean_timing/step_s"]
     for k in ("release/release_rate", "release/rule_release_rate", "release/kept_share",
