@@ -213,8 +213,8 @@ class OPDHarness:
 
         self.config = c = config
         t0 = time.perf_counter()
-        self.student_tok = opd.load_tokenizer_for(c.student)
-        teacher_tok = opd.load_tokenizer_for(c.teacher)
+        self.student_tok = opd.load_tokenizer_for(c.student, "student")
+        teacher_tok = opd.load_tokenizer_for(c.teacher, "teacher")
         checked = validate_config(c, tokenizers=(self.student_tok, teacher_tok))
         self.student_cfg, self.teacher_cfg, self.settings = checked.student_cfg, checked.teacher_cfg, checked.release
         template = {"": None, "student": self.student_tok.chat_template,

@@ -39,7 +39,7 @@ from opdjax.train import checkpoint as ckpt_lib
 from opdjax.train import metrics as metrics_lib
 from opdjax.train.step import (StepSettings, TrainBatch, init_state, jit_train_step, learning_rate_schedule,
                                make_optimizer, state_shardings)
-from opdjax.train.validate import validate_config
+from opdjax.train.validate import load_tokenizer_for, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ class Data:
 
 def _dtype(name):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def load_tokenizer_for(section):
-    if section.gguf:
-        from opdjax.models import gguf_io
-        return gguf_io.load_gguf_tokenizer(section.gguf)
-    from opdjax.data.tokenizer import load_tokenizer
-    return load_tokenizer(section.path)
 
 
 def load_params(section, cfg, plan):
@@ -194,7 +186,8 @@ def run(config) -> dict:
     """Train; returns a summary dict (also written to workdir/summary.json)."""
     t_start = time.perf_counter()
     os.makedirs(config.workdir, exist_ok=True)
-    student_tok, teacher_tok = load_tokenizer_for(config.student), load_tokenizer_for(config.teacher)
+    student_tok = load_tokenizer_for(config.student, "student")
+    teacher_tok = load_tokenizer_for(config.teacher, "teacher")
     checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
     student_cfg, teacher_cfg, settings = checked.student_cfg, checked.teacher_cfg, checked.release
     template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[

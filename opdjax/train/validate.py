@@ -60,7 +60,8 @@ def _model_cfg(section, name) -> ModelConfig:
     return ModelConfig.from_pretrained(m.path)
 
 
-def _load_tok(section, name):
+def load_tokenizer_for(section, name):
+    """The tokenizer of config.<name> (HF directory or GGUF); errors name the field."""
     if section.gguf:
         from opdjax.models import gguf_io
         return gguf_io.load_gguf_tokenizer(section.gguf)
@@ -182,8 +183,8 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
             f"{mesh_shape[1]}); change prompts_per_step, samples_per_prompt, microbatches or mesh.shape.")
 
     # Tokenizers and chat template: the teacher must see the student's exact ids.
-    student_tok, teacher_tok = tokenizers if tokenizers else (_load_tok(c.student, "student"),
-                                                              _load_tok(c.teacher, "teacher"))
+    student_tok, teacher_tok = tokenizers if tokenizers else (load_tokenizer_for(c.student, "student"),
+                                                              load_tokenizer_for(c.teacher, "teacher"))
     check_tokenizers(c, student_tok, teacher_tok)
 
     if c.chip != "cpu":
