@@ -292,6 +292,9 @@ def run(config) -> dict:
                 run_eval(step + 1, state["params"])
             preempted = guard.should_stop(step + 1)
             if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps or preempted:
+                # Metrics up to this step reach the file before the checkpoint can become complete:
+                # a run killed after the save resumes here and must not lose this step's record.
+                writer.flush()
                 ckpt.save(step + 1, {"train": state, "rng": jax.random.key_data(root)},
                           {"data": stream.state(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
                           force=True)
