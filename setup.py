@@ -40,6 +40,10 @@ TEST = [
     # transformers needs accelerate to load a GGUF file (our GGUF oracle); it depends on torch,
     # so it lives here beside the torch pin, never in the runtime set.
     "accelerate==1.15.0",
+    # DAIL oracles: peft's LoRA on transformers' Qwen checks ours; `datasets` writes the
+    # save_to_disk directories our expert-problem loader reads (it reads them with pyarrow alone)
+    "peft==0.21.2",
+    "datasets==5.2.0",
     # the Colab notebook is executed on CPU by tests/test_launch.py
     "nbclient==0.11.0",
     "nbformat==5.11.1",
@@ -52,7 +56,8 @@ setup(
     description="Strong-to-weak on-policy distillation with a release rule, and DAIL, in JAX/Flax",
     packages=find_packages(include=["opdjax", "opdjax.*"]),
     python_requires=">=3.10",
-    package_data={"opdjax": ["assets/toy_pair/*/*", "assets/toy_pair/*.json"]},
+    package_data={"opdjax": ["assets/toy_pair/*/*", "assets/toy_pair/*.json", "assets/toy_dail/*",
+                            "assets/toy_dail/*/*"]},
     include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"test": TEST},
