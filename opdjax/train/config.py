@@ -84,7 +84,7 @@ def opd_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-5
-    c.optimizer.schedule = "constant"  # constant | cosine (both after linear warmup)
+    c.optimizer.schedule = "constant"  # constant | cosine | linear (all after linear warmup)
     c.optimizer.warmup_steps = 0
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999

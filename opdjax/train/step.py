@@ -42,14 +42,16 @@ class StepSettings:
 
 
 def learning_rate_schedule(c, total_steps: int):
-    """Linear warmup over `c.warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
+    """Linear warmup over `c.warmup_steps`, then constant, or cosine / linear decay to 0 at `total_steps`."""
     warmup = int(c.warmup_steps)
     if c.schedule == "constant":
         after = optax.constant_schedule(c.learning_rate)
     elif c.schedule == "cosine":
         after = optax.cosine_decay_schedule(c.learning_rate, max(1, total_steps - warmup))
+    elif c.schedule == "linear":
+        after = optax.linear_schedule(c.learning_rate, 0.0, max(1, total_steps - warmup))
     else:
-        raise ValueError(f"optimizer.schedule={c.schedule!r}: choose constant or cosine.")
+        raise ValueError(f"optimizer.schedule={c.schedule!r}: choose constant, cosine or linear.")
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), after], [warmup])
@@ -125,29 +127,32 @@ def train_step(state, batch: TrainBatch, teacher_params, *, tx, student_cfg, tea
                             teacher_cfg, s, plan)))
         (loss, aux, grads), _ = jax.lax.scan(accumulate, (zeros[0][0], zeros[0][1], zeros[1]), micro)
 
-    grad_norm = optax.global_norm(grads)
     # The losses zero non-finite inputs so padding cannot poison a sum; a non-finite advantage
     # or old log-prob at a token that is actually trained on is a real fault: skip and count it.
     used = batch.coeff > 0
     bad_inputs = sum(jnp.sum(used & ~jnp.isfinite(x)) for x in (batch.inputs.advantage, batch.inputs.old_logp)
                      if x is not None)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (bad_inputs == 0)
-    # Non-finite: keep the old params and moments. Zeroed grads go through tx so both branches
-    # trace once; the select discards the result.
+    new_state, metrics = guarded_update(state, loss, grads, tx, ok=bad_inputs == 0)
+    metrics["loss/nonfinite_inputs"] = bad_inputs
+    metrics.update({f"loss/{k}": v for k, v in aux.items()})
+    return new_state, metrics
+
+
+def guarded_update(state, loss, grads, tx, ok=True):
+    """AdamW update of state["params"] unless the loss, the gradient norm or `ok` says the step is
+    bad: then the old params and moments are kept and `skipped` counts it. Returns (state, metrics)."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ok
+    # Zeroed grads go through tx so both branches trace once; the select discards the result.
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
     updates, new_opt = tx.update(safe_grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {
-        "params": keep(new_params, state["params"]),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "step": state["step"] + 1,
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-    }
+    new_state = dict(state, params=keep(new_params, state["params"]), opt_state=keep(new_opt, state["opt_state"]),
+                     step=state["step"] + 1, skipped=state["skipped"] + (~finite).astype(jnp.int32))
     metrics = {"loss/total": loss, "loss/grad_norm": grad_norm, "loss/skipped_updates": new_state["skipped"],
-               "loss/update_finite": finite.astype(jnp.float32), "loss/nonfinite_inputs": bad_inputs,
+               "loss/update_finite": finite.astype(jnp.float32),
                "loss/param_norm": optax.global_norm(new_state["params"])}
-    metrics.update({f"loss/{k}": v for k, v in aux.items()})
     return new_state, metrics
 
 

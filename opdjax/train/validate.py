@@ -32,17 +32,32 @@ class CheckedConfig:
     mesh_shape: tuple[int, int, int]
 
 
-def _unknown_fields(c, schema, prefix=""):
+def check_unknown_fields(c, schema, prefix="", *, kind="an OPD", where="opdjax/train/config.py"):
+    """Every field of `c` must exist in `schema` (a typo is an error, never silently ignored)."""
     for k in c.keys():
         name = f"{prefix}{k}"
         if k not in schema:
-            raise ConfigError(f"config.{name} is not an OPD setting; known in {prefix or 'config.'}: "
-                              f"{', '.join(sorted(schema.keys()))}. (Typo? See opdjax/train/config.py.)")
+            raise ConfigError(f"config.{name} is not {kind} setting; known in {prefix or 'config.'}: "
+                              f"{', '.join(sorted(schema.keys()))}. (Typo? See {where}.)")
         if isinstance(c[k], ml_collections.ConfigDict) and k != "release" and isinstance(schema[k], ml_collections.ConfigDict):
-            _unknown_fields(c[k], schema[k], name + ".")
+            check_unknown_fields(c[k], schema[k], name + ".", kind=kind, where=where)
 
 
-def _model_cfg(section, name) -> ModelConfig:
+def check_optimizer(o) -> None:
+    """The `optimizer` section (shared by the OPD and DAIL configs)."""
+    if o.schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"config.optimizer.schedule={o.schedule!r}: choose constant, cosine or linear.")
+    if not o.learning_rate > 0:
+        raise ConfigError(f"config.optimizer.learning_rate={o.learning_rate!r} must be > 0.")
+    if not (isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps):
+        raise ConfigError(f"config.optimizer.warmup_steps={o.warmup_steps!r} must be an integer >= 0.")
+    if o.grad_clip < 0:
+        raise ConfigError(f"config.optimizer.grad_clip={o.grad_clip!r} must be >= 0 (0 = off).")
+    if o.weight_decay < 0:
+        raise ConfigError(f"config.optimizer.weight_decay={o.weight_decay!r} must be >= 0.")
+
+
+def model_cfg(section, name) -> ModelConfig:
     m = section
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.{name}.dtype={m.dtype!r}: choose float32 or bfloat16.")
@@ -90,7 +105,7 @@ def check_tokenizers(c, student_tok, teacher_tok) -> None:
 def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> CheckedConfig:
     """Raise ConfigError naming the field; return what was resolved. `tokenizers` = (student,
     teacher) already loaded (else loaded here from the checkpoint directories)."""
-    _unknown_fields(c, opd_config())
+    check_unknown_fields(c, opd_config())
     if c.loss.name not in losses.LOSSES:
         raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; choose one of {', '.join(losses.LOSSES)}.")
     if c.loss.normalize not in losses.NORMALIZATIONS:
@@ -119,15 +134,7 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
             raise ConfigError(f"config.batch.{name}={v!r} must be an integer >= 1.")
     if not (isinstance(c.train.steps, int) and c.train.steps >= 1):
         raise ConfigError(f"config.train.steps={c.train.steps!r} must be an integer >= 1.")
-    o = c.optimizer
-    if o.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"config.optimizer.schedule={o.schedule!r}: choose constant or cosine.")
-    if not o.learning_rate > 0:
-        raise ConfigError(f"config.optimizer.learning_rate={o.learning_rate!r} must be > 0.")
-    if not (isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps):
-        raise ConfigError(f"config.optimizer.warmup_steps={o.warmup_steps!r} must be an integer >= 0.")
-    if o.grad_clip < 0:
-        raise ConfigError(f"config.optimizer.grad_clip={o.grad_clip!r} must be >= 0 (0 = off).")
+    check_optimizer(c.optimizer)
     e = c.eval
     if not (isinstance(e.samples, int) and e.samples >= 1):
         raise ConfigError(f"config.eval.samples={e.samples!r} must be an integer >= 1.")
@@ -151,8 +158,8 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
                 raise ConfigError(f"config.data.{f}={p!r} does not exist.")
 
     # Models: config.json only (cheap), then sizes that depend on them.
-    student_cfg = _model_cfg(c.student, "student")
-    teacher_cfg = _model_cfg(c.teacher, "teacher")
+    student_cfg = model_cfg(c.student, "student")
+    teacher_cfg = model_cfg(c.teacher, "teacher")
     if student_cfg.vocab_size != teacher_cfg.vocab_size:
         raise ConfigError(f"config.teacher vocab_size {teacher_cfg.vocab_size} != config.student vocab_size "
                           f"{student_cfg.vocab_size}: OPD needs one tokenizer for both models.")
