@@ -5,7 +5,9 @@ from opdjax.models import presets
 from opdjax.models.config import ConfigError
 
 # (preset, published total, published non-embedding) from the Qwen3 model cards, in billions.
-PUBLISHED = [("Qwen3-0.6B", 0.6, 0.44), ("Qwen3-1.7B", 1.7, 1.4), ("Qwen3-4B", 4.0, 3.6), ("Qwen3-8B", 8.2, 6.95)]
+PUBLISHED = [("Qwen3-0.6B", 0.6, 0.44), ("Qwen3-1.7B", 1.7, 1.4), ("Qwen3-4B", 4.0, 3.6), ("Qwen3-8B", 8.2, 6.95),
+             ("Qwen2.5-7B-Instruct", 7.61, 6.53)]
+QWEN3 = [n for n in presets.PRESETS if n.startswith("Qwen3-")]
 
 
 @pytest.mark.parametrize("name,total,non_embedding", PUBLISHED)
@@ -21,20 +23,27 @@ def test_num_params_match_the_model_cards(name, total, non_embedding):
 def test_exact_counts():
     got = {name: presets.preset_config(name).num_params() for name in presets.PRESETS}
     assert got == {"Qwen3-0.6B": 596_049_920, "Qwen3-1.7B": 1_720_574_976,
-                   "Qwen3-4B": 4_022_468_096, "Qwen3-8B": 8_190_735_360}
+                   "Qwen3-4B": 4_022_468_096, "Qwen3-8B": 8_190_735_360, "Qwen2.5-7B-Instruct": 7_615_616_512}
 
 
 def test_architecture_fields():
     shape = {n: (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads)
-             for n, c in ((n, presets.preset_config(n)) for n in presets.PRESETS)}
+             for n, c in ((n, presets.preset_config(n)) for n in QWEN3)}
     assert shape == {"Qwen3-0.6B": (1024, 3072, 28, 16, 8), "Qwen3-1.7B": (2048, 6144, 28, 16, 8),
                      "Qwen3-4B": (2560, 9728, 36, 32, 8), "Qwen3-8B": (4096, 12288, 36, 32, 8)}
-    for name in presets.PRESETS:
+    for name in QWEN3:
         c = presets.preset_config(name)
         assert (c.model_type, c.head_dim, c.vocab_size, c.rope.theta, c.max_position_embeddings,
                 c.rms_norm_eps, c.qk_norm, c.qkv_bias, c.dtype) == \
             ("qwen3", 128, 151936, 1e6, 40960, 1e-6, True, False, "bfloat16")
         assert c.tie_word_embeddings == (name != "Qwen3-8B")
+
+
+def test_qwen2p5_7b_instruct():
+    c = presets.preset_config("Qwen/Qwen2.5-7B-Instruct")
+    assert (c.model_type, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
+            c.head_dim, c.vocab_size, c.qkv_bias, c.qk_norm, c.tie_word_embeddings) == \
+        ("qwen2", 3584, 18944, 28, 28, 4, 128, 152064, True, False, False)
 
 
 def test_names_and_round_trip():

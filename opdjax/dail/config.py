@@ -4,7 +4,7 @@ embedded demo that runs all three), every section with its default.
     config.job = dail_synthesize   problems + expert solutions -> traces.jsonl  (step 1)
                | dail_train        traces.jsonl -> trained student (LoRA or full)  (step 2)
                | dail_eval         pass@k curves, base vs trained
-               | dail_demo         the three in a row on the embedded toy model
+               | dail_demo         the three in a row on the embedded toy model, with a report
 
 Specification: ../shared/design/DAIL.md. The model section is M, the student's initial weights:
 it synthesises the traces, is the frozen reference of both KL terms, and is what gets trained.
@@ -39,6 +39,7 @@ HINT_TEMPLATE = (
 # The landmarks hint h(s) (opdjax.dail.hints): {answer} and {landmarks} are filled in.
 HINT_TEXT = "Hint: the final answer is {answer}; intermediate results might include {landmarks}."
 HINT_TEXT_NO_LANDMARKS = "Hint: the final answer is {answer}."
+HINT_TEXT_NO_ANSWER = "Hint: intermediate results might include {landmarks}."  # proofs: no final answer
 
 
 def dail_config() -> ml_collections.ConfigDict:
@@ -76,6 +77,7 @@ def dail_config() -> ml_collections.ConfigDict:
     c.hint = ml_collections.ConfigDict()
     c.hint.text = HINT_TEXT
     c.hint.text_no_landmarks = HINT_TEXT_NO_LANDMARKS
+    c.hint.text_no_answer = HINT_TEXT_NO_ANSWER
     c.hint.max_landmarks = 8
     c.hint.max_expression_chars = 24
 
@@ -132,6 +134,9 @@ def dail_config() -> ml_collections.ConfigDict:
     c.eval.problem_field = "problem"
     c.eval.answer_field = "answer"
     c.eval.choices_field = "choices"  # kind=choice: a list of options; answer_field = the correct one
+    c.eval.choice_layout = "auto"  # choices (choices_field + answer) | gpqa ("Correct Answer", "Incorrect Answer 1..3") | auto
+    c.eval.id_field = ""  # "" = the record's position
+    c.eval.split = ""  # a save_to_disk DatasetDict's split ("" = its only split, or "test")
     c.eval.num_problems = 0  # 0 = all
     c.eval.samples = 8  # n per problem
     c.eval.temperature = 0.6
@@ -140,8 +145,15 @@ def dail_config() -> ml_collections.ConfigDict:
     # When a sample runs out of budget, this text is appended and answer_tokens more are generated.
     c.eval.forced_answer = "\n</think>\n\nThe final answer is \\boxed{"
     c.eval.answer_tokens = 32
+    c.eval.rows_per_call = 64  # sampled rows per jitted call (memory: rows x (prompt + budget) KV cache)
     c.eval.prompt = "student"  # which template the evaluated model is prompted with
     c.eval.models = ()  # extra (name, path) pairs to compare; base and trained are always included
+
+    # job=dail_demo only: the embedded toy problems it writes (workdir/problems.jsonl, eval.jsonl)
+    # before running synthesis, training and evaluation on them.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.num_problems = 48
+    c.demo.num_eval_problems = 64
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.directory = ""

@@ -329,7 +329,8 @@ def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg,
 def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
           positions: jax.Array | None = None, cache: KVCache | None = None,
           plan: ShardingPlan | None = None,
-          attn_chunk: int | None = ATTN_CHUNK, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+          attn_chunk: int | None = ATTN_CHUNK, remat: bool = False,
+          lora=None) -> tuple[jax.Array, KVCache | None]:
     """Final normed hidden states [B, T, D] for T new tokens, and the updated cache.
 
     tokens: [B, T] int; mask: [B, T] bool (False = padding), default all True;
@@ -338,6 +339,9 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     it (None: all T queries at once). Same result either way; bounds the float32 scores.
     remat: static bool, recompute each layer in the backward pass instead of keeping its
     intermediates (training: activation memory is one [B, T, D] per layer plus one layer's).
+    lora: None, or (adapter, scale) from opdjax.models.lora: each layer runs with its adapted
+    weights W + scale * a @ b, merged inside the scan one layer at a time (the base params are
+    not modified; gradients reach the adapter). None is exactly the plain model.
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -357,15 +361,20 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     x = jnp.take(params["embed"], tokens, axis=0)
     x = constrain(plan, x, ("batch", "length", "act_embed"))
 
+    adapter, lora_scale = (None, None) if lora is None else lora
+
     def body(x, scanned):
-        lp, layer_cache = scanned
+        lp, layer_cache, layer_adapter = scanned
+        if layer_adapter is not None:
+            from opdjax.models.lora import merge_layer  # lora imports this module
+            lp = merge_layer(lp, layer_adapter, lora_scale, plan)
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
                               attn_chunk)
 
     if remat:
         body = jax.checkpoint(body)
     layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches))
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches, adapter))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
     new_cache = None
@@ -390,10 +399,10 @@ def logits_from_hidden(params: Params, hidden: jax.Array, plan: ShardingPlan | N
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask=None, positions=None,
             cache: KVCache | None = None, plan: ShardingPlan | None = None,
-            attn_chunk: int | None = ATTN_CHUNK):
-    """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+            attn_chunk: int | None = ATTN_CHUNK, lora=None):
+    """Logits [B, T, V] (float32) and the updated cache (None without one); `lora` as in `apply`."""
     hidden, cache = apply(params, tokens, cfg, mask=mask, positions=positions, cache=cache, plan=plan,
-                          attn_chunk=attn_chunk)
+                          attn_chunk=attn_chunk, lora=lora)
     return logits_from_hidden(params, hidden, plan), cache
 
 

@@ -67,13 +67,17 @@ def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
 
 def state_shardings(tx, student_cfg: ModelConfig, plan: ShardingPlan, param_dtype) -> dict:
     """Shardings of {params, opt_state, step, skipped}: optimizer moments follow their params."""
-    ps = qwen.param_shardings(student_cfg, plan)
-    abstract = qwen.abstract_params(student_cfg, param_dtype)
-    opt_abstract = jax.eval_shape(tx.init, abstract)
+    return state_shardings_for(tx, qwen.abstract_params(student_cfg, param_dtype),
+                               qwen.param_shardings(student_cfg, plan), plan)
+
+
+def state_shardings_for(tx, abstract_params, param_shardings, plan: ShardingPlan) -> dict:
+    """The same for any trainable pytree (e.g. a LoRA adapter) given its shardings."""
+    opt_abstract = jax.eval_shape(tx.init, abstract_params)
     replicated = plan.sharding(())
-    opt = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, ps,
+    opt = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_shardings,
                                 transform_non_params=lambda _: replicated)
-    return {"params": ps, "opt_state": opt, "step": replicated, "skipped": replicated}
+    return {"params": param_shardings, "opt_state": opt, "step": replicated, "skipped": replicated}
 
 
 def init_state(params, tx) -> dict[str, Any]:

@@ -1,0 +1,248 @@
+"""DAIL's input: problems with expert solutions (config.data).
+
+    load_expert_problems("problems.jsonl")            # or .jsonl.gz / .parquet
+    load_expert_problems("saved_dataset_dir", split="train")
+
+Sources. A JSON Lines file (`.jsonl`, `.ndjson`, `.json` with one object per line, optionally
+`.gz`), a Parquet file (`.parquet`, `.pq`) — both read by the readers of `opdjax.data.prompts` —
+or a directory written by Hugging Face `datasets`' `save_to_disk`: a Dataset (`state.json` beside
+its `.arrow` shards) or a DatasetDict (`dataset_dict.json` and one sub-directory per split;
+`split` picks one, and is ignored for a plain Dataset). The `.arrow` shards are read with pyarrow
+alone, so reading needs no `datasets` package.
+
+Records. Every record needs
+  - the problem field: a non-empty string;
+  - the solution field: a non-empty string, or a non-empty list of non-empty strings (several
+    expert solutions of one problem; they are joined into one reference later, see
+    `opdjax.dail.prompts.join_solutions`);
+  - the answer field, when `answer_field` is not "": present in every record (strict: a record
+    without it is an error, since a mistyped field name would otherwise silently turn every problem
+    into one without a checkable answer). Its value may be a string or a number (kept as its text,
+    stripped; 32 -> "32"); null, NaN (pandas' missing value) or an empty string means this problem
+    has no checkable answer, and its trace is then chosen at random. `answer_field=""` means no
+    problem has one.
+  - the id field, when `id_field` is not "": a non-empty string or an integer, unique across the
+    file. With `id_field=""` the id is the record's position among the records ("0", "1", ...;
+    blank JSONL lines are not records).
+A record that breaks a rule is a `PromptDataError` naming the file, the line (JSONL, 1-based) or
+row (Parquet and datasets directories, 0-based), the field and the config setting to change.
+Nothing is skipped silently. `limit` > 0 reads (and checks) only the first `limit` records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from opdjax.data.prompts import PYARROW_PIN, PromptDataError, _file_kind, _iter_jsonl, _iter_parquet
+
+__all__ = ["ExpertProblem", "load_expert_problems", "PromptDataError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertProblem:
+    """One problem with its expert solution(s). `record` says where it came from, as errors name
+    it: "path:18" (JSONL line 18) or "path:row 17" (Parquet / datasets directory row 17)."""
+    id: str
+    problem: str
+    solutions: tuple[str, ...]
+    answer: str | None
+    record: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face save_to_disk directories
+
+def _split_dir(path: Path, split: str) -> Path:
+    """The directory holding one Dataset's state.json and .arrow shards."""
+    dict_file = path / "dataset_dict.json"
+    if dict_file.is_file():
+        try:
+            splits = list(json.loads(dict_file.read_text(encoding="utf-8"))["splits"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise PromptDataError(f"{dict_file}: not a readable datasets DatasetDict index ({e}); "
+                                  "re-save the dataset with save_to_disk.") from None
+        if split not in splits:
+            raise PromptDataError(
+                f"Dataset directory {path} is a DatasetDict with splits {splits}; there is no split "
+                f"{split!r}. Set data.split (split=) to one of them.")
+        return path / split
+    return path
+
+
+def _arrow_files(ds_dir: Path) -> list[Path]:
+    state_file = ds_dir / "state.json"
+    if not state_file.is_file():
+        raise PromptDataError(
+            f"Directory {ds_dir} is not a dataset saved with Hugging Face datasets' save_to_disk (no "
+            "state.json or dataset_dict.json). data.problems must be a .jsonl / .jsonl.gz / .parquet "
+            "file or a save_to_disk directory.")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        names = [f["filename"] for f in state["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PromptDataError(f"{state_file}: cannot read its list of data files ({e}); re-save the "
+                              "dataset with save_to_disk.") from None
+    files = [ds_dir / n for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise PromptDataError(f"Dataset directory {ds_dir}: data file(s) {', '.join(missing)} named in "
+                              "state.json are missing; copy the whole directory.")
+    if state.get("_indices_data_files"):
+        raise PromptDataError(f"Dataset directory {ds_dir} stores an indices mapping; re-save it with "
+                              "ds.flatten_indices().save_to_disk(...).")
+    return files
+
+
+def _iter_arrow_dir(path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise PromptDataError(f"Reading the dataset directory {path} needs pyarrow, which is not "
+                              f"installed: pip install {PYARROW_PIN}.") from None
+    ds_dir = _split_dir(path, split)
+    row = 0
+    for f in _arrow_files(ds_dir):
+        with pa.memory_map(os.fspath(f)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)  # what datasets writes
+            except pa.ArrowInvalid:
+                source.seek(0)
+                try:
+                    reader = pa.ipc.open_file(source)
+                except pa.ArrowInvalid as e:
+                    raise PromptDataError(f"{f}: not an Arrow IPC file ({e}).") from None
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = iter(reader)
+            for batch in batches:
+                for record in batch.to_pylist():
+                    yield f"{ds_dir}:row {row}", record
+                    row += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+def _fields(record: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in record) if record else "none"
+
+
+def _missing(where: str, what: str, field: str, setting: str, record: dict[str, Any]) -> PromptDataError:
+    return PromptDataError(
+        f"{where}: no {what} field {field!r}; this record has fields: {_fields(record)}. Set "
+        f"{setting} to the field that holds the {what}, or add it to the record.")
+
+
+def _problem(where, record, field) -> str:
+    if field not in record:
+        raise _missing(where, "problem", field, "data.problem_field (problem_field=)", record)
+    value = record[field]
+    if not isinstance(value, str):
+        raise PromptDataError(f"{where}: problem field {field!r} is a {type(value).__name__}, not a "
+                              "string. Store the problem statement as text.")
+    if not value.strip():
+        raise PromptDataError(f"{where}: problem field {field!r} is empty. Remove the record or give "
+                              "it a problem.")
+    return value
+
+
+def _solutions(where, record, field) -> tuple[str, ...]:
+    if field not in record:
+        raise _missing(where, "solution", field, "data.solution_field (solution_field=)", record)
+    value = record[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptDataError(f"{where}: solution field {field!r} is empty (or only whitespace). "
+                                  "Every problem needs an expert solution; remove the record or add one.")
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise PromptDataError(f"{where}: solution field {field!r} is an empty list. Give at least "
+                                  "one expert solution, or remove the record.")
+        for i, s in enumerate(value):
+            if not isinstance(s, str):
+                raise PromptDataError(f"{where}: solution field {field!r}, item {i}, is a "
+                                      f"{type(s).__name__}, not a string. Each solution must be text.")
+            if not s.strip():
+                raise PromptDataError(f"{where}: solution field {field!r}, item {i}, is empty (or only "
+                                      "whitespace). Remove it from the list.")
+        return tuple(value)
+    raise PromptDataError(f"{where}: solution field {field!r} is a {type(value).__name__}; it must be a "
+                          "string or a list of strings (several expert solutions).")
+
+
+def _answer(where, record, field) -> str | None:
+    if not field:
+        return None
+    if field not in record:
+        raise PromptDataError(
+            f"{where}: no answer field {field!r}; this record has fields: {_fields(record)}. Give every "
+            "record the field (null for a problem without a checkable answer), set data.answer_field "
+            "(answer_field=) to the field that holds the answer, or set it to '' if no problem has one.")
+    value = record[field]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise PromptDataError(f"{where}: answer field {field!r} is a {type(value).__name__}, not a string "
+                              "or number. Store the final answer as text (null for none).")
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _id(where, record, field, position: int) -> str:
+    if not field:
+        return str(position)
+    if field not in record:
+        raise _missing(where, "id", field, "data.id_field (id_field=, '' = the record's position)", record)
+    value = record[field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PromptDataError(f"{where}: id field {field!r} is a {type(value).__name__}, not a string or "
+                              "integer.")
+    text = str(value)
+    if not text.strip():
+        raise PromptDataError(f"{where}: id field {field!r} is empty; every problem needs an id.")
+    return text
+
+
+def load_expert_problems(path: str | os.PathLike, *, id_field: str = "", problem_field: str = "problem",
+                         solution_field: str = "solution", answer_field: str = "answer",
+                         split: str = "train", limit: int = 0) -> list[ExpertProblem]:
+    """Every problem (the first `limit` when > 0) of a JSONL / Parquet file or a save_to_disk
+    directory, in order; see the module docstring for the rules. Raises PromptDataError."""
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"data.limit={limit!r} must be an integer >= 0 (0 = every problem).")
+    if not str(path):
+        raise PromptDataError("data.problems is empty; give a .jsonl / .parquet file or a dataset "
+                              "directory saved with save_to_disk.")
+    path = Path(path)
+    if not path.exists():
+        raise PromptDataError(f"Problem file {path} does not exist; check data.problems.")
+    if path.is_dir():
+        records = _iter_arrow_dir(path, split)
+    else:
+        kind, gz = _file_kind(path)
+        records = _iter_parquet(path) if kind == "parquet" else _iter_jsonl(path, gz)
+
+    problems: list[ExpertProblem] = []
+    seen: dict[str, str] = {}
+    for where, record in records:
+        if limit and len(problems) >= limit:
+            break
+        pid = _id(where, record, id_field, len(problems))
+        if pid in seen:
+            raise PromptDataError(f"{where}: id {pid!r} (field {id_field!r}) is also the id of {seen[pid]}; "
+                                  "ids must be unique (data.id_field).")
+        seen[pid] = where
+        problems.append(ExpertProblem(
+            id=pid, problem=_problem(where, record, problem_field),
+            solutions=_solutions(where, record, solution_field),
+            answer=_answer(where, record, answer_field), record=where))
+    if not problems:
+        raise PromptDataError(f"Problem source {path} holds no records.")
+    return problems

@@ -1,0 +1,424 @@
+"""The `dail_synthesize` job (DAIL.md, step 1): problems + expert solutions -> traces.jsonl.
+
+    python launch/tpu_run.py --config configs/dail_demo.py --config.job=dail_synthesize
+
+For every problem the frozen model M draws `synthesis.num_samples` traces with the mixed rollout
+(`opdjax.dail.mixed`: the student context speaks, the expert context takes over when the student
+strays) and keeps one of them:
+  - the problem has a checkable answer (data.answer_field): the first trace whose final answer
+    (`opdjax.data.grading.extract_answer`) is equivalent to it (`answers_equivalent`); when none
+    matches, `synthesis.on_no_match` decides: "skip" writes the record with trace null (training
+    ignores it), "random" keeps a seeded-random trace; `matched` is false either way;
+  - otherwise a seeded-random trace: np.random.default_rng([seed, i]).integers(num_samples), i the
+    problem's position in the problem list.
+
+Output: one JSON object per line (synthesis.output, default workdir/traces.jsonl):
+    id, record (where the problem came from), problem, solutions (list), answer (or null),
+    hint (the landmarks hint text, for training's negative context),
+    trace (text, or null when skipped), trace_ids (the kept trace's token ids without the stop
+    token: training uses these ids, it never re-tokenises the text), num_tokens (len(trace_ids)),
+    ended (the trace emitted a stop token, rather than running into max_new_tokens),
+    stop_id (the stop token it emitted, or null),
+    fallback_rate (share of the kept trace's generated tokens, its stop token included, that the
+    expert context chose), mean_fallback_rate (the same over all num_samples traces),
+    num_matched (how many of the samples matched the answer; 0 without an answer),
+    matched, selected ("answer" | "random" | null when skipped), tau, seed, num_samples.
+Lines are appended and flushed after every batch, so a killed run loses at most the batch in
+flight.
+
+Stop tokens: the tokenizer's eos, the eos id(s) of config.json, and `<|im_end|>` and
+`<|endoftext|>` when the vocabulary has them (a chat turn's end and a document's end both end a
+trace). Banned tokens (synthesis.ban_tokens): those that are single tokens of the vocabulary;
+others are ignored (logged).
+
+Shapes and randomness. Every problem's contexts are rendered before any compute (an over-long
+reference fails at once, naming its record), and student and expert prompts are left-padded to
+fixed widths: the longest over ALL problems, rounded up to a multiple of 16. Problems are cut into
+fixed batches of `problems_per_batch` consecutive problems (batch j = problems j*ppb ..
+j*ppb+ppb-1), each problem repeated `num_samples` times (rows problem-major); the last batch is
+filled with copies of its last problem, whose outputs are dropped. So every call has one shape
+and compiles once. Batch j draws with key fold_in(key(seed), j*ppb) (the index of its first
+problem).
+
+Resuming. A re-run reads the ids already in the output (a torn last line, left by a killed run,
+is cut off) and redoes only what is missing: a batch all of whose problems are present is skipped;
+a batch with some missing is run whole, with its own key and shape, and only the missing
+problems' lines are written. A resumed run therefore writes exactly the lines an uninterrupted
+run would have written for those problems (in a different order in the file) — provided the
+problem list, seed, problems_per_batch, num_samples and the synthesis/prompt settings are the
+same. tau and seed are stored in every line and checked on resume; change the output file to
+synthesise with other settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from opdjax import sharding
+from opdjax.dail import mixed
+from opdjax.dail.config import dail_config
+from opdjax.dail.data import ExpertProblem, load_expert_problems
+from opdjax.data import grading
+from opdjax.data.prompts import left_pad
+from opdjax.models.config import ModelConfig
+from opdjax.train import metrics as metrics_lib
+
+log = logging.getLogger(__name__)
+
+PAD_MULTIPLE = 16  # prompt widths are rounded up to this (one compile for the whole run)
+ON_NO_MATCH = ("skip", "random")
+EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+SUMMARY_FILE = "synthesis_summary.json"
+
+
+class SynthesisConfigError(ValueError):
+    """A config value the synthesis job cannot use; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------ validation
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def output_path(config) -> str:
+    return config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
+
+
+def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
+    """Check everything the synthesis job reads, before any weights are loaded. Returns M's
+    ModelConfig (from config.json). Errors name the config field."""
+    from opdjax.dail.hints import check_hint_config
+    from opdjax.dail.prompts import check_templates
+    from opdjax.train import validate
+
+    try:
+        validate.check_unknown_fields(config, dail_config(), kind="a DAIL", where="opdjax/dail/config.py")
+    except ValueError as e:
+        raise SynthesisConfigError(str(e)) from e
+    s, d = config.synthesis, config.data
+    if not _is_int(config.seed) or config.seed < 0:
+        raise SynthesisConfigError(f"config.seed={config.seed!r} must be an integer >= 0.")
+    if not d.problems:
+        raise SynthesisConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet file "
+                                   "or a directory saved with datasets' save_to_disk.")
+    if not os.path.exists(d.problems):
+        raise SynthesisConfigError(f"config.data.problems={d.problems!r} does not exist.")
+    if not _is_int(d.limit) or d.limit < 0:
+        raise SynthesisConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")
+    if not isinstance(s.accept_threshold, (int, float)) or isinstance(s.accept_threshold, bool) \
+            or not 0.0 <= float(s.accept_threshold) <= 1.0:
+        raise SynthesisConfigError(f"config.synthesis.accept_threshold={s.accept_threshold!r} must be a number "
+                                   "in [0, 1] (0 = student only, 1 = expert only).")
+    for name, low in (("num_samples", 1), ("problems_per_batch", 1), ("max_new_tokens", 1), ("top_n", 1),
+                      ("retries", 1)):
+        v = s[name]
+        if not _is_int(v) or v < low:
+            raise SynthesisConfigError(f"config.synthesis.{name}={v!r} must be an integer >= {low}.")
+    if s.on_no_match not in ON_NO_MATCH:
+        raise SynthesisConfigError(f"config.synthesis.on_no_match={s.on_no_match!r}: choose one of {ON_NO_MATCH}.")
+    if isinstance(s.ban_tokens, str) or not all(isinstance(t, str) for t in s.ban_tokens):
+        raise SynthesisConfigError(f"config.synthesis.ban_tokens={s.ban_tokens!r} must be a tuple of token "
+                                   "strings, e.g. ('</think>',).")
+    if s.cache_dtype not in ("", "float32", "bfloat16"):
+        raise SynthesisConfigError(f"config.synthesis.cache_dtype={s.cache_dtype!r}: choose '' (the params' "
+                                   "dtype), float32 or bfloat16.")
+    out = output_path(config)
+    if os.path.isdir(out):
+        raise SynthesisConfigError(f"config.synthesis.output={out!r} is a directory; give a file path "
+                                   "(or '' for workdir/traces.jsonl).")
+    try:
+        check_templates(config.prompts)
+        check_hint_config(config.hint)
+    except ValueError as e:
+        raise SynthesisConfigError(str(e)) from e
+    try:
+        model_cfg = validate.model_cfg(config.model, "model")
+    except ValueError as e:  # ConfigError, or config.json problems from ModelConfig
+        raise SynthesisConfigError(str(e)) from e
+    if s.top_n > model_cfg.vocab_size:
+        raise SynthesisConfigError(f"config.synthesis.top_n={s.top_n} exceeds the vocabulary of config.model "
+                                   f"({model_cfg.vocab_size}).")
+    try:
+        sharding.mesh_shape_from_config(tuple(config.mesh.shape), num_devices or jax.device_count(),
+                                        field="config.mesh.shape")
+    except sharding.ShardingError as e:
+        raise SynthesisConfigError(str(e)) from e
+    return model_cfg
+
+
+# ------------------------------------------------------------------------------------ tokens
+def special_ids(tokenizer, model_cfg: ModelConfig, ban_tokens) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stop ids, banned ids); see the module docstring."""
+    vocab = tokenizer.get_vocab()
+    stop = set()
+    if tokenizer.eos_token_id is not None:
+        stop.add(int(tokenizer.eos_token_id))
+    eos = model_cfg.eos_token_id
+    stop.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    stop.update(int(vocab[t]) for t in EXTRA_STOP_TOKENS if t in vocab)
+    banned = []
+    for t in ban_tokens:
+        if t in vocab:
+            banned.append(int(vocab[t]))
+        else:
+            log.info("synthesis.ban_tokens: %r is not a token of this vocabulary; ignored", t)
+    return tuple(sorted(stop)), tuple(sorted(set(banned)))
+
+
+# ------------------------------------------------------------------------------------ output
+def read_done(path: str) -> dict[str, dict]:
+    """The records already in an output file, by id. A torn last line (no newline at the end: a run
+    killed mid-write) is cut off the file; any other unreadable line is an error naming it."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    done: dict[str, dict] = {}
+    for line_no, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: not a JSON record ({e}); the synthesis output is damaged. "
+                             "Remove the line (its problem is then redone) or choose another "
+                             "config.synthesis.output.") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise ValueError(f"{path}:{line_no}: not a synthesis record (no string 'id'); is "
+                             "config.synthesis.output another file?")
+        done[rec["id"]] = dict(rec, _line=line_no)
+    return done
+
+
+def _check_resumable(path: str, done: dict[str, dict], tau: float, seed: int) -> None:
+    for rec in done.values():
+        for field, want, name in (("tau", tau, "synthesis.accept_threshold"), ("seed", seed, "seed")):
+            if field in rec and rec[field] != want:
+                raise ValueError(
+                    f"{path}:{rec['_line']}: this output was written with {field}={rec[field]!r}, but "
+                    f"config.{name}={want!r}. Resuming would mix traces of two settings: choose another "
+                    "config.synthesis.output (or remove the file to start over).")
+
+
+# ------------------------------------------------------------------------------------ selection
+@dataclasses.dataclass
+class Sample:
+    ids: list[int]  # the trace's tokens, stop token excluded
+    text: str
+    ended: bool
+    stop_id: int | None
+    fallback_rate: float
+
+
+def decode_samples(tokens: np.ndarray, mask: np.ndarray, from_expert: np.ndarray, tokenizer,
+                   stop_ids: tuple[int, ...]) -> list[Sample]:
+    """One Sample per row of a rollout (host arrays [R, N])."""
+    out = []
+    stop = set(stop_ids)
+    for tok, m, fe in zip(tokens, mask, from_expert):
+        n = int(m.sum())  # real tokens form a prefix: the rollout pads after the stop token
+        ids = [int(t) for t in tok[:n]]
+        ended = bool(n) and ids[-1] in stop
+        stop_id = ids[-1] if ended else None
+        if ended:
+            ids = ids[:-1]
+        rate = float(fe[:n].mean()) if n else 0.0
+        out.append(Sample(ids, tokenizer.decode(ids, skip_special_tokens=False), ended, stop_id, rate))
+    return out
+
+
+def select(samples: list[Sample], answer: str | None, *, on_no_match: str, seed: int,
+           index: int) -> tuple[int | None, str | None, int]:
+    """(kept sample index or None, how it was selected, number of samples matching the answer)."""
+    if answer is None:
+        return int(np.random.default_rng([seed, index]).integers(len(samples))), "random", 0
+    matches = [grading.grade(s.text, answer) for s in samples]
+    num_matched = int(sum(matches))
+    if num_matched:
+        return matches.index(True), "answer", num_matched
+    if on_no_match == "random":
+        return int(np.random.default_rng([seed, index]).integers(len(samples))), "random", 0
+    return None, None, 0
+
+
+def make_record(p: ExpertProblem, hint: str, samples: list[Sample], kept: int | None, selected: str | None,
+                num_matched: int, *, tau: float, seed: int) -> dict[str, Any]:
+    s = samples[kept] if kept is not None else None
+    return {
+        "id": p.id, "record": p.record, "problem": p.problem, "solutions": list(p.solutions), "answer": p.answer,
+        "hint": hint,
+        "trace": s.text if s else None, "trace_ids": s.ids if s else None, "num_tokens": len(s.ids) if s else None,
+        "ended": s.ended if s else None, "stop_id": s.stop_id if s else None,
+        "fallback_rate": s.fallback_rate if s else None,
+        "mean_fallback_rate": float(np.mean([x.fallback_rate for x in samples])),
+        "num_matched": num_matched, "matched": selected == "answer", "selected": selected,
+        "tau": tau, "seed": seed, "num_samples": len(samples),
+    }
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """Whole-output statistics over the given records."""
+    kept = [r for r in records if r.get("trace_ids") is not None]
+    checkable = [r for r in records if r.get("answer") is not None]
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return {
+        "done": len(records), "kept": len(kept), "skipped": len(records) - len(kept),
+        "with_answer": len(checkable), "matched": sum(bool(r.get("matched")) for r in checkable),
+        "match_rate": mean([float(bool(r.get("matched"))) for r in checkable]),
+        "sample_match_rate": mean([r["num_matched"] / r["num_samples"] for r in checkable
+                                   if r.get("num_samples")]),
+        "mean_fallback_rate": mean([r["fallback_rate"] for r in kept]),
+        "mean_sample_fallback_rate": mean([r["mean_fallback_rate"] for r in records
+                                           if r.get("mean_fallback_rate") is not None]),
+        "mean_trace_tokens": mean([r["num_tokens"] for r in kept]),
+        "ended_rate": mean([float(bool(r["ended"])) for r in kept]),
+    }
+
+
+# ------------------------------------------------------------------------------------ the job
+def _round_up(n: int, m: int = PAD_MULTIPLE) -> int:
+    return max(m, int(math.ceil(n / m) * m))
+
+
+def _to_host(x) -> np.ndarray:
+    """A rollout output, whole, on every process (multi-host: gathered across processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _load_params(section, plan):
+    if section.gguf:
+        from opdjax.models import gguf_io
+        params, _ = gguf_io.load_gguf(section.gguf, plan=plan, dtype=section.dtype)
+        return params
+    from opdjax.models import hf_io
+    params, _ = hf_io.load_pretrained(section.path, plan=plan, dtype=section.dtype)
+    return params
+
+
+def run(config) -> dict:
+    """Synthesise traces for every problem not yet in the output; returns the summary dict (also
+    written to workdir/synthesis_summary.json)."""
+    from opdjax.dail.hints import hint_text
+    from opdjax.dail.prompts import join_solutions, render_contexts
+    from opdjax.train.validate import load_tokenizer_for
+
+    t_start = time.perf_counter()
+    model_cfg = check_config(config)
+    s = config.synthesis
+    tau, seed, n_samples, ppb = float(s.accept_threshold), int(config.seed), int(s.num_samples), int(s.problems_per_batch)
+    tokenizer = load_tokenizer_for(config.model, "model")
+    stop_ids, banned_ids = special_ids(tokenizer, model_cfg, s.ban_tokens)
+    settings = mixed.MixedSettings(max_new_tokens=int(s.max_new_tokens), accept_threshold=tau, top_n=int(s.top_n),
+                                   retries=int(s.retries), stop_ids=stop_ids, banned_ids=banned_ids,
+                                   cache_dtype=s.cache_dtype).check(model_cfg.vocab_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+    d = config.data
+    problems = load_expert_problems(d.problems, id_field=d.id_field, problem_field=d.problem_field,
+                                    solution_field=d.solution_field, answer_field=d.answer_field, split=d.split,
+                                    limit=int(d.limit))
+    # Every context up front: an over-long one fails here, naming its record, before any compute.
+    hints, student_rows, expert_rows = [], [], []
+    for p in problems:
+        where = f"problem id {p.id!r} ({p.record})"
+        try:
+            hint = hint_text(join_solutions(list(p.solutions), config.prompts.solution_separator), config.hint,
+                             problem=p.problem)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        ctx = render_contexts(tokenizer, config.prompts, p.problem, list(p.solutions), hint, record=where)
+        hints.append(hint)
+        student_rows.append(ctx.student)
+        expert_rows.append(ctx.expert)
+    Ps, Pe = _round_up(max(map(len, student_rows))), _round_up(max(map(len, expert_rows)))
+
+    out_path = output_path(config)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    os.makedirs(config.workdir, exist_ok=True)
+    done = read_done(out_path)
+    _check_resumable(out_path, done, tau, seed)
+    ids = {p.id for p in problems}
+    foreign = [i for i in done if i not in ids]
+    if foreign:
+        log.warning("%s holds %d record(s) whose id is not among the problems (e.g. %r); kept, not counted",
+                    out_path, len(foreign), foreign[0])
+    already = sum(p.id in done for p in problems)
+    batches = [list(range(j, min(j + ppb, len(problems)))) for j in range(0, len(problems), ppb)]
+    todo = [b for b in batches if any(problems[i].id not in done for i in b)]
+    log.info("synthesis: %d problems (%d already in %s), %d batches of %d problems x %d samples to run; "
+             "prompt widths student %d / expert %d; tau %g; stop ids %s; banned ids %s",
+             len(problems), already, out_path, len(todo), ppb, n_samples, Ps, Pe, tau, stop_ids, banned_ids)
+
+    generated_tokens, processed, t_loop = 0, 0, None
+    if todo:
+        mesh = sharding.make_mesh(tuple(config.mesh.shape))
+        plan = sharding.ShardingPlan(mesh)
+        params = _load_params(config.model, plan)
+        root = jax.random.key(seed)
+        writer = jax.process_index() == 0
+        put = lambda x: sharding.put_global_batch(plan, x, ("batch", "length"))  # noqa: E731
+        progress = metrics_lib.Progress(len(problems), already, enabled=config.metrics.progress)
+        t_loop = time.perf_counter()
+        with open(out_path, "a", encoding="utf-8") as out:
+            for batch in todo:
+                members = batch + [batch[-1]] * (ppb - len(batch))  # fill: one shape for every call
+                s_tok, s_mask = left_pad([student_rows[i] for i in members for _ in range(n_samples)], pad_id, Ps)
+                e_tok, e_mask = left_pad([expert_rows[i] for i in members for _ in range(n_samples)], pad_id, Pe)
+                roll = mixed.mixed_rollout(params, put(s_tok), put(s_mask), put(e_tok), put(e_mask),
+                                           jax.random.fold_in(root, batch[0]), model_cfg, settings,
+                                           pad_id=pad_id, plan=plan)
+                tokens, mask, from_expert = (_to_host(x) for x in roll)
+                lines = []
+                batch_tokens = int(mask[:len(batch) * n_samples].sum())  # the fill rows not counted
+                generated_tokens += batch_tokens
+                for k, i in enumerate(batch):
+                    rows = slice(k * n_samples, (k + 1) * n_samples)
+                    p = problems[i]
+                    if p.id in done:
+                        continue  # redone only to draw the batch's other problems exactly
+                    samples = decode_samples(tokens[rows], mask[rows], from_expert[rows], tokenizer, stop_ids)
+                    kept, selected, num_matched = select(samples, p.answer, on_no_match=s.on_no_match,
+                                                         seed=seed, index=i)
+                    rec = make_record(p, hints[i], samples, kept, selected, num_matched, tau=tau, seed=seed)
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                    done[p.id] = rec
+                    processed += 1
+                if writer:
+                    out.writelines(lines)
+                    out.flush()
+                    os.fsync(out.fileno())
+                elapsed = time.perf_counter() - t_loop
+                progress.update(sum(p.id in done for p in problems), tokens=batch_tokens,
+                                extra={"tok/s": generated_tokens / max(elapsed, 1e-9)})
+        progress.close()
+
+    wall = time.perf_counter() - t_start
+    loop_s = time.perf_counter() - t_loop if t_loop is not None else 0.0
+    summary = {"output": out_path, "problems": len(problems),
+               **summarize([done[p.id] for p in problems if p.id in done]),
+               "already_done": already, "processed": processed,
+               "generated_tokens": generated_tokens,
+               "tokens_per_s": generated_tokens / loop_s if loop_s > 0 else None,
+               "wall_s": wall, "tau": tau, "seed": seed, "num_samples": n_samples,
+               "prompt_widths": {"student": Ps, "expert": Pe}}
+    if jax.process_index() == 0:
+        with open(os.path.join(config.workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    log.info("synthesis summary: %s", {k: v for k, v in summary.items() if k != "prompt_widths"})
+    return summary

@@ -1,0 +1,298 @@
+"""DAIL step 2 (DAIL.md): contrastive distillation of M on its own synthesised traces.
+
+    python launch/tpu_run.py --config configs/dail_train_<...>.py
+
+For every kept trace r the three contexts are rendered again from the trace record (student
+context, expert context with the reference, hint context with the landmarks) and r's token ids
+are appended to each, unchanged (opdjax.dail.contrastive.align), so the three sequences predict
+exactly the same response tokens. The loss per response token is
+    KL(pi_theta(.|student, r_<t) || pi_ref(.|expert, r_<t)) - gamma * KL(pi_theta(.|student, r_<t) || pi_ref(.|hint, r_<t))
+(reverse by default, forward as a switch; full vocabulary in chunks), averaged over the step's
+response tokens. pi_ref is M frozen: with LoRA it is the base weights with the adapter switched
+off (no second copy of the weights); with full fine-tuning it is a frozen copy.
+
+Data order: epoch e visits the traces in permutation rng([seed, e]); step s takes its rows from
+that order, so the batch of step s is a function of s alone and a resumed run continues exactly.
+The last batch of an epoch is topped up with zero-weight rows (nothing is dropped or repeated).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from opdjax import sharding
+from opdjax.dail import contrastive
+from opdjax.dail.config import dail_config
+from opdjax.dail.prompts import check_templates, render_contexts
+from opdjax.models import lora, qwen
+from opdjax.train import checkpoint as ckpt_lib
+from opdjax.train import metrics as metrics_lib
+from opdjax.train.opd import load_params
+from opdjax.train.step import guarded_update, init_state, learning_rate_schedule, make_optimizer, state_shardings_for
+from opdjax.train.validate import ConfigError, check_optimizer, check_unknown_fields, load_tokenizer_for, model_cfg
+
+log = logging.getLogger(__name__)
+
+TRACE_FIELDS = ("id", "problem", "solutions", "hint", "trace_ids")
+
+
+# ------------------------------------------------------------------------------------- set-up
+def validate(config):
+    """Config checks that need no weights; returns the model config (from config.json)."""
+    check_unknown_fields(config, dail_config(), kind="a DAIL", where="opdjax/dail/config.py")
+    t = config.train
+    if t.divergence not in contrastive.DIVERGENCES:
+        raise ConfigError(f"config.train.divergence={t.divergence!r}: choose one of {', '.join(contrastive.DIVERGENCES)}.")
+    if not t.gamma >= 0:
+        raise ConfigError(f"config.train.gamma={t.gamma!r} must be >= 0 (0 = no negative term).")
+    if not t.negative_clip >= 0:
+        raise ConfigError(f"config.train.negative_clip={t.negative_clip!r} must be >= 0 (0 = no clip).")
+    for name in ("epochs", "sequences_per_step", "microbatches", "chunk_tokens"):
+        if not (isinstance(t[name], int) and t[name] >= 1):
+            raise ConfigError(f"config.train.{name}={t[name]!r} must be an integer >= 1.")
+    if t.sequences_per_step % t.microbatches:
+        raise ConfigError(f"config.train.sequences_per_step={t.sequences_per_step} is not divisible by "
+                          f"train.microbatches={t.microbatches}.")
+    check_optimizer(config.optimizer)
+    shards = sharding.mesh_shape_from_config(config.mesh.shape, jax.device_count())
+    rows = t.sequences_per_step // t.microbatches
+    if rows % (shards[0] * shards[1]):
+        raise ConfigError(f"config.train.sequences_per_step / train.microbatches = {rows} rows is not divisible by "
+                          f"the {shards[0] * shards[1]} batch shards of mesh.shape={tuple(config.mesh.shape)} "
+                          "(data x fsdp): change one of them.")
+    try:
+        check_templates(config.prompts)
+        if config.lora.enabled:
+            lora.LoraSpec.from_config(config.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    traces = traces_path(config)
+    if not os.path.isfile(traces):
+        raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
+                          "(job dail_synthesize) or point train.traces at a traces JSONL file.")
+    return model_cfg(config.model, "model")
+
+
+def traces_path(config) -> str:
+    return config.train.traces or config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
+
+
+def load_traces(path: str) -> list[tuple[str, dict]]:
+    """(record name, record) of every kept trace; records without a trace (skipped problems) are
+    left out. A record missing a field is an error naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e}); a synthesis killed mid-write leaves a torn "
+                                 "last line: re-run the synthesis to finish it.") from e
+            if r.get("trace_ids") is None and "trace_ids" in r:
+                continue  # a problem none of whose traces matched (synthesis.on_no_match=skip)
+            missing = [k for k in TRACE_FIELDS if k not in r]
+            if missing:
+                raise ValueError(f"{where}: trace record lacks field(s) {missing}; it has {sorted(r)}.")
+            if not r["trace_ids"]:
+                raise ValueError(f"{where} (id {r['id']}): empty trace.")
+            out.append((f"{where} (id {r['id']})", r))
+    if not out:
+        raise ValueError(f"{path}: no usable trace (every problem was skipped?); nothing to train on.")
+    return out
+
+
+def encode_traces(traces, tokenizer, prompts, stop_id: int, *, pad_id: int, max_response_tokens: int = 0):
+    """The aligned three-context batch of every trace (host NumPy)."""
+    s, e, h, resp, names = [], [], [], [], []
+    for name, r in traces:
+        ctx = render_contexts(tokenizer, prompts, r["problem"], r["solutions"], r["hint"], record=name)
+        s.append(ctx.student)
+        e.append(ctx.expert)
+        h.append(ctx.hint)
+        # A trace that ended emitted the stop token: training on it teaches M where to stop.
+        resp.append(list(r["trace_ids"]) + ([r.get("stop_id", stop_id)] if r.get("ended") else []))
+        names.append(name)
+    return contrastive.align(s, e, h, resp, pad_id=pad_id, max_response_tokens=max_response_tokens, records=names)
+
+
+def step_rows(step: int, num_traces: int, per_step: int, seed: int) -> np.ndarray:
+    """Row indices of step `step` (-1 = a zero-weight filler row at the end of an epoch)."""
+    per_epoch = math.ceil(num_traces / per_step)
+    epoch, j = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_traces)
+    rows = order[j * per_step:(j + 1) * per_step]
+    return np.concatenate([rows, np.full(per_step - len(rows), -1, rows.dtype)])
+
+
+def take_rows(batch, rows: np.ndarray):
+    """The step's rows of the aligned batch and per-token coefficients 1 / (real tokens in the
+    step): a mean over the step's response tokens however it is split into microbatches."""
+    picked = jax.tree.map(lambda x: np.asarray(x)[np.maximum(rows, 0)], batch)
+    real = np.asarray(picked.response_mask) & (rows >= 0)[:, None]
+    picked = picked._replace(response_mask=real)
+    coeff = real / max(int(real.sum()), 1)
+    return picked, coeff.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- the step
+def make_step(cfg, tx, config, spec: "lora.LoraSpec | None", plan, state_sh=None):
+    """The jitted, donated step (state, frozen M, batch, coeff) -> (state, metrics); with a plan,
+    every input and output has its explicit sharding (`state_sh`: `trainable_shardings`)."""
+    t = config.train
+    kw = dict(gamma=float(t.gamma), divergence=t.divergence, negative_clip=float(t.negative_clip),
+              chunk_tokens=int(t.chunk_tokens), remat=bool(t.remat), plan=plan)
+    m = int(t.microbatches)
+
+    def loss_fn(trainable, frozen, batch, coeff):
+        if spec is None:  # full fine-tuning: trainable = the student, frozen = the copy of M
+            return contrastive.contrastive_loss(trainable, frozen, batch, cfg, coeff=coeff, **kw)
+        # LoRA: one set of weights; the student is the base with the adapter on, the reference
+        # the same base with it off.
+        student_apply = lambda p, tokens, mask: qwen.apply(p, tokens, cfg, mask=mask, plan=plan, remat=t.remat,
+                                                           lora=(trainable, spec.scale))[0]
+        return contrastive.contrastive_loss(frozen, frozen, batch, cfg, coeff=coeff, student_apply=student_apply, **kw)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def split(x):  # [B, ...] -> [m, B/m, ...], rows strided so every microbatch spans all batch shards
+        return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+    def step(state, frozen, batch, coeff):
+        if m == 1:
+            (loss, aux), grads = grad_fn(state["params"], frozen, batch, coeff)
+        else:
+            micro = jax.tree.map(split, (batch, coeff))
+
+            def acc(carry, mb):
+                out = grad_fn(state["params"], frozen, *mb)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state["params"], frozen, *first)))
+            # coeff is global (1 / the step's tokens), so loss and aux terms add up over microbatches
+            ((loss, aux), grads), _ = jax.lax.scan(acc, zeros, micro)
+        new_state, metrics = guarded_update(state, loss, grads, tx)
+        metrics.update({f"loss/{k}": v for k, v in aux.items()})
+        return new_state, metrics
+
+    if plan is None:
+        return jax.jit(step, donate_argnums=0)
+    row = plan.sharding(("batch", "length"))
+    batch_sh = contrastive.AlignedBatch(*([row] * len(contrastive.AlignedBatch._fields)))
+    return jax.jit(step, in_shardings=(state_sh, qwen.param_shardings(cfg, plan), batch_sh, row),
+                   out_shardings=(state_sh, plan.sharding(())), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------- the loop
+def run(config) -> dict:
+    """Train; returns a summary (also written to workdir/train_summary.json)."""
+    t_start = time.perf_counter()
+    cfg = validate(config)
+    os.makedirs(config.workdir, exist_ok=True)
+    tok = load_tokenizer_for(config.model, "model")
+    stop_id = tok.eos_token_id
+    traces = load_traces(traces_path(config))
+    data = encode_traces(traces, tok, config.prompts, stop_id, pad_id=cfg.pad_token_id or 0,
+                         max_response_tokens=config.train.max_response_tokens)
+    n = len(traces)
+    per_step = int(config.train.sequences_per_step)
+    steps = config.train.epochs * math.ceil(n / per_step)
+    spec = lora.LoraSpec.from_config(config.lora) if config.lora.enabled else None
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    plan = sharding.ShardingPlan(mesh)
+    log.info("DAIL training: %d traces, %d steps (%d epochs of %d sequences/step), %s; mesh %s", n, steps,
+             config.train.epochs, per_step, f"LoRA r={spec.rank} alpha={spec.alpha}" if spec else "full fine-tuning",
+             dict(mesh.shape))
+
+    tx = make_optimizer(config.optimizer, steps)
+    lr_at = learning_rate_schedule(config.optimizer, steps)
+    base = load_params(config.model, cfg, plan)  # M: the frozen reference (and the LoRA base)
+    if spec is None:  # full fine-tuning: the trainable copy starts as M and follows M's shardings
+        abstract_trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+        trainable_sh = qwen.param_shardings(cfg, plan)
+    else:  # float32 adapter whatever M's dtype: its updates are small
+        abstract_trainable = lora.abstract_lora(cfg, spec, jnp.float32)
+        trainable_sh = lora.lora_shardings(cfg, spec, plan)
+    state_sh = state_shardings_for(tx, abstract_trainable, trainable_sh, plan)
+    ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
+                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is None:
+        if spec is None:
+            state = jax.jit(lambda m: init_state(jax.tree.map(jnp.copy, m), tx), out_shardings=state_sh)(base)
+        else:
+            adapter = lora.init_lora(cfg, spec, jax.random.key(config.seed), dtype=jnp.float32)
+            state = jax.jit(lambda a: init_state(a, tx), out_shardings=state_sh)(adapter)
+        start = 0
+    else:
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                jax.eval_shape(lambda p: init_state(p, tx), abstract_trainable), state_sh)
+        state = ckpt.restore(start, {"train": abstract})[0]["train"]
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    step_fn = make_step(cfg, tx, config, spec, plan, state_sh)
+
+    writer = metrics_lib.MetricsWriter(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
+    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
+    alarms = 0
+    for step in range(start, steps):
+        batch, coeff = take_rows(data, step_rows(step, n, per_step, config.seed))
+        t = time.perf_counter()
+        state, out = step_fn(state, base, batch, coeff)
+        out = jax.device_get(out)  # blocks: one step in flight (CPU collectives)
+        dt = time.perf_counter() - t
+        m = {k: float(v) for k, v in out.items()}
+        tokens = int(np.asarray(batch.response_mask).sum())
+        m.update({"optimizer/learning_rate": float(lr_at(step)), "perf/response_tokens_per_s": tokens / dt,
+                  "timing/step_s": dt, "data/epoch": (step + 1) / math.ceil(n / per_step)})
+        if config.train.negative_alarm and m["loss/kl_negative"] > config.train.negative_alarm:
+            alarms += 1
+            log.warning("step %d: mean negative KL %.3f > train.negative_alarm=%.3f (the student is moving away "
+                        "from the hint context fast; lower train.gamma or the learning rate if this persists)",
+                        step + 1, m["loss/kl_negative"], config.train.negative_alarm)
+        m["loss/negative_alarms"] = alarms
+        writer.write(step + 1, m)
+        progress.update(step + 1, tokens=tokens, extra={"loss": m["loss/total"], "kl+": m["loss/kl_positive"],
+                                                         "kl-": m["loss/kl_negative"]})
+        if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps:
+            writer.flush()  # the metrics of a step reach disk before its checkpoint can complete
+            ckpt.save(step + 1, {"train": state}, {"step": step + 1}, force=True)
+    progress.close()
+    ckpt.wait()
+    writer.close()
+    ckpt.close()
+
+    summary = {"workdir": config.workdir, "traces": n, "steps": steps, "start_step": start,
+               "lora": None if spec is None else {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
+               "skipped_updates": int(state["skipped"]), "negative_alarms": alarms}
+    records = [r for r in metrics_lib.read_metrics(os.path.join(config.workdir, "metrics.jsonl")) if "loss/total" in r]
+    if records:
+        summary["first"] = {k: records[0][k] for k in ("loss/kl_positive", "loss/kl_negative")}
+        summary["last"] = {k: records[-1][k] for k in ("loss/kl_positive", "loss/kl_negative")}
+        metrics_lib.plot_curves({"DAIL": records}, ["loss/total", "loss/kl_positive", "loss/kl_negative"],
+                                os.path.join(config.workdir, "curves.png"), title="DAIL contrastive training")
+    if config.checkpoint.export_hf and jax.process_index() == 0:
+        out = os.path.join(config.workdir, "student_hf")
+        tok_dir = config.model.path or None
+        if spec is None:
+            from opdjax.models import hf_io
+            hf_io.save_pretrained(state["params"], cfg, out, tokenizer=tok_dir)
+        else:
+            lora.export_merged(base, state["params"], spec, cfg, out, tok_dir)
+            lora.save_adapter(state["params"], spec, os.path.join(config.workdir, "adapter"))
+        summary["exported"] = out
+    summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+    summary["final_params"] = state["params"]
+    with open(os.path.join(config.workdir, "train_summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "final_params"}, f, indent=2)
+    return summary

@@ -1,0 +1,43 @@
+"""DAIL memory estimates: the real-scale configs fit their chips, each job counts only its own
+phase, and the KV-cache term equals its hand count."""
+import importlib.util
+import os
+
+import pytest
+
+from opdjax.dail.memory import estimate_dail_memory
+from opdjax.models.presets import preset_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+def _config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m, m.get_config()
+
+
+@pytest.mark.parametrize("name,peak_gib", [("dail_synthesize_qwen3_8b", 56.3), ("dail_train_qwen3_8b", 27.3),
+                                           ("dail_synthesize_qwen2p5_7b", 14.0), ("dail_train_qwen2p5_7b", 9.6)])
+def test_real_scale_configs_fit(name, peak_gib):
+    m, c = _config(name)
+    est = estimate_dail_memory(c, preset_config(m.MODEL), num_devices=m.NUM_CHIPS)
+    assert est.fits
+    assert est.total_bytes / GiB == pytest.approx(peak_gib, abs=0.1)  # the number the config's docstring gives
+
+
+def test_each_job_counts_its_own_phase_and_the_cache_by_hand():
+    m, c = _config("dail_synthesize_qwen3_8b")
+    cfg = preset_config(m.MODEL)
+    syn = estimate_dail_memory(c, cfg, num_devices=1)
+    assert {t.phase for t in syn.terms} == {"resident", "rollout"}
+    rows, T = 32, 2048 + 256
+    assert syn.term("two KV caches").bytes == 2 * 2 * cfg.num_layers * rows * T * cfg.num_kv_heads * cfg.head_dim * 2
+    both = estimate_dail_memory(c, cfg, num_devices=1, job="dail_demo")
+    assert {t.phase for t in both.terms} == {"resident", "rollout", "train step"}
+    assert both.total_bytes >= syn.total_bytes
+    c.lora.enabled = False  # full fine-tuning: a trainable copy and its AdamW moments
+    full = estimate_dail_memory(c, cfg, num_devices=1, job="dail_train")
+    assert full.term("trainable copy + AdamW").bytes == 3 * full.term("M params").bytes
