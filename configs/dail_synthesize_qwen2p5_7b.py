@@ -10,7 +10,7 @@ Resumable: re-running skips problems already in traces.jsonl. No end-of-thinking
 in this model's vocabulary, so nothing is banned.
 
 Memory (opdjax.dail.memory with the Qwen2.5-7B-Instruct preset; tests/test_dail_memory.py):
-~14 GiB per chip at peak — the weights fsdp-sharded over 4 chips and the two KV caches of
+~9 GiB per chip at peak — the weights fsdp-sharded over 4 chips and the two KV caches of
 32 rows x 4,096 slots. Not run here (no TPU on our CI machine); times are not measured.
 """
 from opdjax.dail.config import dail_config

@@ -12,10 +12,10 @@ Data: one record per problem with `problem`, `solution` (or a list of solutions)
 (e.g. the paper's e1-verifiable: 417 AIME problems with their official solutions).
 The run is resumable: re-running the same command skips problems already in traces.jsonl.
 
-Memory (opdjax.dail.memory with the Qwen3-8B preset; tests/test_dail_memory.py): ~56 GiB at
-peak on one H100 (fits JAX's default 75% of 80 GB) — the bf16 weights (15.3 GiB), the two KV caches
-of 32 rows x 2,304 slots (20.3 GiB) and the expert-context prefill of 32 rows x 2,048 tokens
-(15.0 GiB). Not run here (no GPU on our CI machine); times are not measured.
+Memory (opdjax.dail.memory with the Qwen3-8B preset; tests/test_dail_memory.py): ~40 GiB at
+peak on one H100 — the bf16 weights (15.3 GiB) and the two KV caches of 32 rows x 2,304 slots
+(20.3 GiB); each context is prefilled once per problem and its cache copied to the 32 samples.
+Not run here (no GPU on our CI machine); times are not measured.
 """
 from opdjax.dail.config import dail_config
 

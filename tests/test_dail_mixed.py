@@ -42,6 +42,17 @@ def test_extremes_are_the_plain_samplers(tau, context):
     assert np.asarray(mixed.mask).sum() > 20  # the comparison covered real tokens
 
 
+def test_prefill_once_per_prompt_equals_repeated_rows():
+    s = MixedSettings(max_new_tokens=10, accept_threshold=0.4, top_n=12, stop_ids=STOP).check(CFG.vocab_size)
+    key = jax.random.key(8)
+    rep = lambda x: jnp.repeat(x, 3, axis=0)  # noqa: E731
+    once = mixed_rollout(PARAMS, *STUDENT, *EXPERT, key, CFG, s, samples=3)
+    repeated = mixed_rollout(PARAMS, *map(rep, STUDENT), *map(rep, EXPERT), key, CFG, s)
+    for a, b in zip(once, repeated):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(once.tokens).shape == (12, 10)
+
+
 def _closed_form(p_logits, v_logits, n, tau, retries):
     """Token distribution and fallback probability of the mixed rule, from its definition."""
     def top_n_dist(x):

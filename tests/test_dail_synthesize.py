@@ -131,8 +131,8 @@ def test_tau_extremes(tmp_path, model_dir):
 def _fake_rollout(texts_by_row, tokenizer, stop_id):
     """A stand-in for mixed_rollout that emits given texts (row-major: problem, then sample),
     each ended by the stop token, with every other token marked as the expert's."""
-    def fake(params, s_tok, s_mask, e_tok, e_mask, key, cfg, settings, *, pad_id=0, plan=None):
-        B, N = s_tok.shape[0], settings.max_new_tokens
+    def fake(params, s_tok, s_mask, e_tok, e_mask, key, cfg, settings, *, pad_id=0, plan=None, samples=1):
+        B, N = s_tok.shape[0] * samples, settings.max_new_tokens
         tokens = np.full((B, N), pad_id, np.int32)
         mask = np.zeros((B, N), bool)
         fe = np.zeros((B, N), bool)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from opdjax.data.prompts import (
-    PYARROW_PIN, Problem, PromptDataError, PromptStream, encode_prompts, left_pad, load_problems,
-    render_prompt,
+    Problem, PromptDataError, PromptStream, encode_prompts, left_pad, load_problems, render_prompt,
 )
+from opdjax.data.records import PYARROW_PIN
 from opdjax.data.tokenizer import CHATML_TEMPLATE, build_toy_tokenizer, encode_chat
 
 

@@ -3,12 +3,12 @@
     load_expert_problems("problems.jsonl")            # or .jsonl.gz / .parquet
     load_expert_problems("saved_dataset_dir", split="train")
 
-Sources. A JSON Lines file (`.jsonl`, `.ndjson`, `.json` with one object per line, optionally
-`.gz`), a Parquet file (`.parquet`, `.pq`) — both read by the readers of `opdjax.data.prompts` —
-or a directory written by Hugging Face `datasets`' `save_to_disk`: a Dataset (`state.json` beside
-its `.arrow` shards) or a DatasetDict (`dataset_dict.json` and one sub-directory per split;
-`split` picks one, and is ignored for a plain Dataset). The `.arrow` shards are read with pyarrow
-alone, so reading needs no `datasets` package.
+Sources (read by `opdjax.data.records.iter_records`). A JSON Lines file (`.jsonl`, `.ndjson`,
+`.json` with one object per line, optionally `.gz`), a Parquet file (`.parquet`, `.pq`), or a
+directory written by Hugging Face `datasets`' `save_to_disk`: a Dataset (`state.json` beside its
+`.arrow` shards) or a DatasetDict (`dataset_dict.json` and one sub-directory per split; `split`,
+config data.split, default "train", picks one and must exist; it is ignored for a plain Dataset).
+The `.arrow` shards are read with pyarrow alone, so reading needs no `datasets` package.
 
 Records. Every record needs
   - the problem field: a non-empty string;
@@ -31,13 +31,11 @@ Nothing is skipped silently. `limit` > 0 reads (and checks) only the first `limi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from opdjax.data.prompts import PYARROW_PIN, PromptDataError, _file_kind, _iter_jsonl, _iter_parquet
+from opdjax.data.records import PromptDataError, describe_fields, iter_records
 
 __all__ = ["ExpertProblem", "load_expert_problems", "PromptDataError"]
 
@@ -54,86 +52,11 @@ class ExpertProblem:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face save_to_disk directories
-
-def _split_dir(path: Path, split: str) -> Path:
-    """The directory holding one Dataset's state.json and .arrow shards."""
-    dict_file = path / "dataset_dict.json"
-    if dict_file.is_file():
-        try:
-            splits = list(json.loads(dict_file.read_text(encoding="utf-8"))["splits"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise PromptDataError(f"{dict_file}: not a readable datasets DatasetDict index ({e}); "
-                                  "re-save the dataset with save_to_disk.") from None
-        if split not in splits:
-            raise PromptDataError(
-                f"Dataset directory {path} is a DatasetDict with splits {splits}; there is no split "
-                f"{split!r}. Set data.split (split=) to one of them.")
-        return path / split
-    return path
-
-
-def _arrow_files(ds_dir: Path) -> list[Path]:
-    state_file = ds_dir / "state.json"
-    if not state_file.is_file():
-        raise PromptDataError(
-            f"Directory {ds_dir} is not a dataset saved with Hugging Face datasets' save_to_disk (no "
-            "state.json or dataset_dict.json). data.problems must be a .jsonl / .jsonl.gz / .parquet "
-            "file or a save_to_disk directory.")
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        names = [f["filename"] for f in state["_data_files"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PromptDataError(f"{state_file}: cannot read its list of data files ({e}); re-save the "
-                              "dataset with save_to_disk.") from None
-    files = [ds_dir / n for n in names]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise PromptDataError(f"Dataset directory {ds_dir}: data file(s) {', '.join(missing)} named in "
-                              "state.json are missing; copy the whole directory.")
-    if state.get("_indices_data_files"):
-        raise PromptDataError(f"Dataset directory {ds_dir} stores an indices mapping; re-save it with "
-                              "ds.flatten_indices().save_to_disk(...).")
-    return files
-
-
-def _iter_arrow_dir(path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise PromptDataError(f"Reading the dataset directory {path} needs pyarrow, which is not "
-                              f"installed: pip install {PYARROW_PIN}.") from None
-    ds_dir = _split_dir(path, split)
-    row = 0
-    for f in _arrow_files(ds_dir):
-        with pa.memory_map(os.fspath(f)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)  # what datasets writes
-            except pa.ArrowInvalid:
-                source.seek(0)
-                try:
-                    reader = pa.ipc.open_file(source)
-                except pa.ArrowInvalid as e:
-                    raise PromptDataError(f"{f}: not an Arrow IPC file ({e}).") from None
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            else:
-                batches = iter(reader)
-            for batch in batches:
-                for record in batch.to_pylist():
-                    yield f"{ds_dir}:row {row}", record
-                    row += 1
-
-
-# ---------------------------------------------------------------------------------------------
 # Records
-
-def _fields(record: dict[str, Any]) -> str:
-    return ", ".join(repr(k) for k in record) if record else "none"
-
 
 def _missing(where: str, what: str, field: str, setting: str, record: dict[str, Any]) -> PromptDataError:
     return PromptDataError(
-        f"{where}: no {what} field {field!r}; this record has fields: {_fields(record)}. Set "
+        f"{where}: no {what} field {field!r}; this record has fields: {describe_fields(record)}. Set "
         f"{setting} to the field that holds the {what}, or add it to the record.")
 
 
@@ -180,9 +103,10 @@ def _answer(where, record, field) -> str | None:
         return None
     if field not in record:
         raise PromptDataError(
-            f"{where}: no answer field {field!r}; this record has fields: {_fields(record)}. Give every "
-            "record the field (null for a problem without a checkable answer), set data.answer_field "
-            "(answer_field=) to the field that holds the answer, or set it to '' if no problem has one.")
+            f"{where}: no answer field {field!r}; this record has fields: {describe_fields(record)}. "
+            "Give every record the field (null for a problem without a checkable answer), set "
+            "data.answer_field (answer_field=) to the field that holds the answer, or set it to '' if "
+            "no problem has one.")
     value = record[field]
     if value is None:
         return None
@@ -217,17 +141,7 @@ def load_expert_problems(path: str | os.PathLike, *, id_field: str = "", problem
     directory, in order; see the module docstring for the rules. Raises PromptDataError."""
     if not isinstance(limit, int) or limit < 0:
         raise ValueError(f"data.limit={limit!r} must be an integer >= 0 (0 = every problem).")
-    if not str(path):
-        raise PromptDataError("data.problems is empty; give a .jsonl / .parquet file or a dataset "
-                              "directory saved with save_to_disk.")
-    path = Path(path)
-    if not path.exists():
-        raise PromptDataError(f"Problem file {path} does not exist; check data.problems.")
-    if path.is_dir():
-        records = _iter_arrow_dir(path, split)
-    else:
-        kind, gz = _file_kind(path)
-        records = _iter_parquet(path) if kind == "parquet" else _iter_jsonl(path, gz)
+    records = iter_records(path, split=split, setting="data.problems")
 
     problems: list[ExpertProblem] = []
     seen: dict[str, str] = {}

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 
 from opdjax.data.grading import grade_batch
-from opdjax.data.prompts import Problem, PromptDataError
+from opdjax.data.prompts import Problem
+from opdjax.data.records import PromptDataError, describe_fields, iter_records
 from opdjax.eval import choice as choice_lib
 from opdjax.eval.budget import generate_with_budget
 from opdjax.eval.passk import default_ks, pass_at_k_table, plot_pass_at_k
@@ -231,10 +232,10 @@ def _check_eval(config) -> None:
 def load_math_problems(path, *, problem_field: str, answer_field: str, split: str = "") -> list[Problem]:
     """Math problems with their reference answers (every one required), in file order."""
     problems = []
-    for where, record in choice_lib.iter_records(path, split):
+    for where, record in iter_records(path, split=split, setting="eval.problems"):
         if problem_field not in record:
             raise PromptDataError(f"{where}: no problem field {problem_field!r} (config.eval.problem_field); "
-                                  f"this record has fields: {', '.join(map(repr, record)) or 'none'}.")
+                                  f"this record has fields: {describe_fields(record)}.")
         text = record[problem_field]
         if not isinstance(text, str) or not text.strip():
             raise PromptDataError(f"{where}: problem field {problem_field!r} must be a non-empty string, got "

@@ -13,7 +13,8 @@ resident (the whole run)
   full FT: trainable + AdamW  a second copy of M (trained) + 2 x its moments; M stays frozen
 synthesis ("rollout"; rows = synthesis.problems_per_batch * synthesis.num_samples)
   two KV caches               [L, rows, Pc + N, kv_heads, head_dim] x 2 (k, v) x 2 contexts
-  prefill layer               one layer over the longer (expert) context
+  prefill layer               one layer over the longer (expert) context, once per problem (its
+                              samples then copy the cache)
   choice logits               [rows, V] float32 x 10 (two contexts: logits, softmax, top-n masks,
                               the retries' draws)
 train step (rows = train.sequences_per_step / train.microbatches; T = Pc + N per context)
@@ -83,10 +84,11 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
         c_dtype = config.synthesis.cache_dtype or dt
         cache = 2 * 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * _ITEMSIZE[c_dtype]
         add("two KV caches", "rollout", cache, _fmt_shape(cache_shape, c_dtype, 4), sh.describe(cache_shape, qwen.CACHE_AXES))
+        prompts = int(config.synthesis.problems_per_batch)  # each context is prefilled once per problem
         add("prefill layer", "rollout",
-            _layer_working_set(cfg, rows, Pc, T, min(Pc, qwen.ATTN_CHUNK), b, sh)
-            + sh.elements((rows, Pc, D), ("batch", "length", "act_embed")) * b,
-            f"1 layer fwd, {rows} rows x {Pc} context tokens", sh.describe((rows,), ("batch",)))
+            _layer_working_set(cfg, prompts, Pc, T, min(Pc, qwen.ATTN_CHUNK), b, sh)
+            + sh.elements((prompts, Pc, D), ("batch", "length", "act_embed")) * b,
+            f"1 layer fwd, {prompts} prompt rows x {Pc} context tokens", sh.describe((prompts,), ("batch",)))
         add("choice logits", "rollout", 10 * sh.elements((rows, V), ("batch", "act_vocab")) * 4,
             _fmt_shape((rows, V), "float32", 10), sh.describe((rows, V), ("batch", "act_vocab")))
 

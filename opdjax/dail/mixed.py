@@ -126,23 +126,40 @@ def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.A
     return token.astype(jnp.int32), ~any_accepted
 
 
-def _prefill(params, prompt, prompt_mask, cfg, size, dtype, plan):
+def _prefill(params, prompt, prompt_mask, cfg, size, dtype, plan, samples):
+    """Prefill each distinct prompt once, then give each of its `samples` rows a copy of the cache
+    (row u * samples + j is sample j of prompt u): the samples of one problem share their context,
+    so prefilling them separately would redo the same work `samples` times."""
     cache = qwen.init_cache(cfg, prompt.shape[0], size, dtype)
     hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache, plan=plan)
     last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
-    return qwen.logits_from_hidden(params, last), cache
+    logits = qwen.logits_from_hidden(params, last)
+    if samples > 1:
+        rep = lambda x, axis: jnp.repeat(x, samples, axis=axis)  # noqa: E731
+        cache = qwen.KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.valid, 0), cache.index,
+                             rep(cache.next_pos, 0))
+        if plan is not None:
+            cache = cache._replace(k=plan.constrain(cache.k, qwen.CACHE_AXES), v=plan.constrain(cache.v, qwen.CACHE_AXES))
+        logits = rep(logits, 0)
+    return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "pad_id", "plan"))
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "pad_id", "plan", "samples"))
 def mixed_rollout(params, student_prompt: jax.Array, student_mask: jax.Array, expert_prompt: jax.Array,
                   expert_mask: jax.Array, key: jax.Array, cfg: ModelConfig, settings: MixedSettings, *,
-                  pad_id: int = 0, plan: ShardingPlan | None = None) -> MixedRollout:
+                  pad_id: int = 0, plan: ShardingPlan | None = None, samples: int = 1) -> MixedRollout:
     """Generate up to `settings.max_new_tokens` tokens per row from the two contexts (left- or
-    right-padded prompts of any two lengths). Stops once every row has emitted a stop token."""
-    B, N = student_prompt.shape[0], settings.max_new_tokens
+    right-padded prompts of any two lengths). Stops once every row has emitted a stop token.
+
+    samples: rows per prompt row; the outputs have prompt rows x samples rows, sample j of prompt
+    u at row u * samples + j (the same as passing each prompt row repeated `samples` times)."""
+    N = settings.max_new_tokens
+    B = student_prompt.shape[0] * samples
     dtype = settings.cache_dtype or jax.tree.leaves(params)[0].dtype
-    s_logits, s_cache = _prefill(params, student_prompt, student_mask, cfg, student_prompt.shape[1] + N, dtype, plan)
-    e_logits, e_cache = _prefill(params, expert_prompt, expert_mask, cfg, expert_prompt.shape[1] + N, dtype, plan)
+    s_logits, s_cache = _prefill(params, student_prompt, student_mask, cfg, student_prompt.shape[1] + N, dtype, plan,
+                                 samples)
+    e_logits, e_cache = _prefill(params, expert_prompt, expert_mask, cfg, expert_prompt.shape[1] + N, dtype, plan,
+                                 samples)
     first = choose_mixed(s_logits, e_logits, jax.random.fold_in(key, 0), settings)
     stop = jnp.asarray(settings.stop_ids, jnp.int32)
     bufs = (jnp.full((N, B), pad_id, jnp.int32), jnp.zeros((N, B), bool), jnp.zeros((N, B), bool))

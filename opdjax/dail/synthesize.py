@@ -378,11 +378,12 @@ def run(config) -> dict:
         with open(out_path, "a", encoding="utf-8") as out:
             for batch in todo:
                 members = batch + [batch[-1]] * (ppb - len(batch))  # fill: one shape for every call
-                s_tok, s_mask = left_pad([student_rows[i] for i in members for _ in range(n_samples)], pad_id, Ps)
-                e_tok, e_mask = left_pad([expert_rows[i] for i in members for _ in range(n_samples)], pad_id, Pe)
+                # one prompt row per problem: the rollout prefills it once for its n_samples rows
+                s_tok, s_mask = left_pad([student_rows[i] for i in members], pad_id, Ps)
+                e_tok, e_mask = left_pad([expert_rows[i] for i in members], pad_id, Pe)
                 roll = mixed.mixed_rollout(params, put(s_tok), put(s_mask), put(e_tok), put(e_mask),
                                            jax.random.fold_in(root, batch[0]), model_cfg, settings,
-                                           pad_id=pad_id, plan=plan)
+                                           pad_id=pad_id, plan=plan, samples=n_samples)
                 tokens, mask, from_expert = (_to_host(x) for x in roll)
                 lines = []
                 batch_tokens = int(mask[:len(batch) * n_samples].sum())  # the fill rows not counted

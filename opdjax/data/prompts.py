@@ -2,11 +2,12 @@
 resumable stream of prompt batches.
 
 Files. JSON Lines (`.jsonl`, `.ndjson`, `.json` holding one object per line; any of them may be
-gzipped, `.gz`) and Parquet (`.parquet`, `.pq`; needs pyarrow). Each record must have a non-empty
-string prompt field; the answer field is optional unless `required_answer=True`. A record that
-breaks a rule is an error naming the file, the line (JSONL, 1-based, as an editor counts) or row
-(Parquet, 0-based, as pandas/pyarrow count), the field, and what to do. Nothing is skipped
-silently: only blank lines are, and they are not records.
+gzipped, `.gz`) and Parquet (`.parquet`, `.pq`; needs pyarrow), read by `opdjax.data.records`
+(where `PromptDataError` is defined). Each record must have a non-empty string prompt field; the
+answer field is optional unless `required_answer=True`. A record that breaks a rule is an error
+naming the file, the line (JSONL, 1-based, as an editor counts) or row (Parquet, 0-based, as
+pandas/pyarrow count), the field, and what to do. Nothing is skipped silently: only blank lines
+are, and they are not records.
 
 Encoding. `encode_prompts` renders every prompt through the chat template (optional system
 message, then the user message, then the generation prompt) and raises, naming the record and its
@@ -25,8 +26,6 @@ exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import math
 import os
 from pathlib import Path
@@ -34,13 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-PYARROW_PIN = "pyarrow==26.0.1"
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-class PromptDataError(ValueError):
-    """A prompt file, or one of its records, cannot be used as given."""
+from opdjax.data.records import PromptDataError, describe_fields, iter_file_records
 
 
 @dataclasses.dataclass
@@ -57,66 +50,6 @@ class Problem:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-def _file_kind(path: Path) -> tuple[str, bool]:
-    """('jsonl' | 'parquet', gzipped) from the file name."""
-    suffixes = [s.lower() for s in path.suffixes]
-    gz = bool(suffixes) and suffixes[-1] == ".gz"
-    last = suffixes[-2] if gz and len(suffixes) >= 2 else (suffixes[-1] if suffixes and not gz else "")
-    if last in JSONL_SUFFIXES:
-        return "jsonl", gz
-    if last in PARQUET_SUFFIXES and not gz:
-        return "parquet", False
-    raise PromptDataError(
-        f"Prompt file {path}: unsupported file type {''.join(path.suffixes) or '(no extension)'!r}. "
-        f"Use JSON Lines ({', '.join(JSONL_SUFFIXES)}, optionally .gz) with one JSON object per "
-        f"line, or Parquet ({', '.join(PARQUET_SUFFIXES)}).")
-
-
-def _iter_jsonl(path: Path, gz: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    opener = gzip.open if gz else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        try:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if line_no == 1 and line.lstrip().startswith("["):
-                        raise PromptDataError(
-                            f"{where}: the file is a JSON array, not JSON Lines. Write one JSON "
-                            "object per line, e.g. python -c \"import json,sys; [print(json.dumps(r)) "
-                            "for r in json.load(open(sys.argv[1]))]\" in.json > out.jsonl") from None
-                    raise PromptDataError(
-                        f"{where}: invalid JSON ({e.msg} at column {e.colno}). Each line must be "
-                        "one complete JSON object; fix or remove this line.") from None
-                if not isinstance(record, dict):
-                    raise PromptDataError(
-                        f"{where}: the line is a JSON {type(record).__name__}, not an object. Each "
-                        "line must be one JSON object with a prompt field.")
-                yield where, record
-        except UnicodeDecodeError as e:
-            raise PromptDataError(f"Prompt file {path} is not UTF-8 text ({e}); re-encode it as "
-                                  "UTF-8.") from None
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PromptDataError(
-            f"Reading the Parquet prompt file {path} needs pyarrow, which is not installed: "
-            f"pip install {PYARROW_PIN} (or convert the file to JSON Lines).") from None
-    table = pq.read_table(path)
-    for row, record in enumerate(table.to_pylist()):
-        yield f"{path}:row {row}", record
-
-
-def _fields(record: dict[str, Any]) -> str:
-    return ", ".join(repr(k) for k in record) if record else "none"
-
 
 def load_problems(path: str | os.PathLike, *, prompt_field: str = "prompt",
                   answer_field: str = "answer", required_answer: bool = False) -> list[Problem]:
@@ -135,16 +68,15 @@ def load_problems(path: str | os.PathLike, *, prompt_field: str = "prompt",
             f"Prompt file {path} is a directory. Give a .jsonl or .parquet file; a dataset saved "
             "with HF datasets' save_to_disk can be exported with ds.to_json('file.jsonl') or "
             "ds.to_parquet('file.parquet').")
-    kind, gz = _file_kind(path)
-    records = _iter_parquet(path) if kind == "parquet" else _iter_jsonl(path, gz)
+    records = iter_file_records(path)
 
     problems: list[Problem] = []
     for where, record in records:
         if prompt_field not in record:
             raise PromptDataError(
                 f"{where}: no prompt field {prompt_field!r}; this record has fields: "
-                f"{_fields(record)}. Set data.prompt_field (prompt_field=) to the field that holds "
-                "the prompt, or add it to the record.")
+                f"{describe_fields(record)}. Set data.prompt_field (prompt_field=) to the field that "
+                "holds the prompt, or add it to the record.")
         prompt = record[prompt_field]
         if not isinstance(prompt, str):
             hint = (" If it holds chat messages, store the user message's text instead."
@@ -160,7 +92,7 @@ def load_problems(path: str | os.PathLike, *, prompt_field: str = "prompt",
         if answer is None:
             if required_answer:
                 present = ("is null" if answer_field in record else
-                           f"is missing (this record has fields: {_fields(record)})")
+                           f"is missing (this record has fields: {describe_fields(record)})")
                 raise PromptDataError(
                     f"{where}: answer field {answer_field!r} {present}, and answers are required "
                     "here (grading needs them). Set data.answer_field (answer_field=) to the field "

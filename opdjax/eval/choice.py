@@ -1,8 +1,9 @@
 """Multiple-choice evaluation (GPQA-style): loading, shuffled options, the prompt, the letter
 extractor and grading.
 
-Files. JSON Lines or Parquet (read with opdjax.data.prompts' readers), or a Hugging Face dataset
-saved with `save_to_disk` (a directory). Two record layouts:
+Files. JSON Lines or Parquet, or a Hugging Face dataset saved with `save_to_disk` (a directory;
+`split` picks a DatasetDict's split, "" = its only one, else "test"), all read by
+`opdjax.data.records.iter_records`. Two record layouts:
   - "choices": a question field, a list of options (`choices_field`), and the answer
     (`answer_field`) given as the correct option's text, its letter ("C", "(C)", "C)"), or its
     0-based index (an integer);
@@ -26,18 +27,15 @@ phrased letter always beats a stray capital in the prose.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import zlib
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from opdjax.data import prompts as prompt_data
 from opdjax.data.grading import _last_boxed  # the same box parser the math grader uses
-from opdjax.data.prompts import PromptDataError
+from opdjax.data.records import PromptDataError, describe_fields, iter_records
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LAYOUTS = ("auto", "choices", "gpqa")
@@ -57,40 +55,6 @@ class ChoiceProblem:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-def iter_records(path: str | os.PathLike, split: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for every record of a JSONL / Parquet file or a saved HF dataset directory.
-
-    `where` is "file:line" (JSONL), "file:row N" (Parquet) or "dir:row N" (dataset). A
-    DatasetDict needs `split` unless it holds a single split (or has "test")."""
-    path = Path(path)
-    if not path.exists():
-        raise PromptDataError(f"Problem file {path} does not exist; check the path (eval.problems).")
-    if path.is_dir():
-        yield from _iter_dataset_dir(path, split)
-        return
-    kind, gz = prompt_data._file_kind(path)
-    yield from (prompt_data._iter_parquet(path) if kind == "parquet" else prompt_data._iter_jsonl(path, gz))
-
-
-def _iter_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Rows of a save_to_disk directory, read with pyarrow alone by the DAIL problem loader's
-    reader (no `datasets` package needed). A DatasetDict with no `split` given: its only split,
-    else "test" when it has one."""
-    from opdjax.dail.data import _iter_arrow_dir
-
-    index = path / "dataset_dict.json"
-    if not split and index.is_file():
-        try:
-            splits = list(json.loads(index.read_text(encoding="utf-8"))["splits"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise PromptDataError(f"{index}: not a readable datasets DatasetDict index ({e}).") from None
-        split = splits[0] if len(splits) == 1 else "test" if "test" in splits else ""
-        if not split:
-            raise PromptDataError(f"Dataset directory {path} is a DatasetDict with splits {splits}; say "
-                                  "which one to read (split=).")
-    yield from _iter_arrow_dir(path, split)
-
 
 def _as_text(value: Any, where: str, field: str, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -132,7 +96,7 @@ def _gpqa_record(where: str, record: dict, question_field: str, id_field: str, i
     qf = question_field if question_field in record else GPQA_QUESTION
     if qf not in record:
         raise PromptDataError(f"{where}: no question field {question_field!r} (nor {GPQA_QUESTION!r}); "
-                              f"fields: {prompt_data._fields(record)}.")
+                              f"fields: {describe_fields(record)}.")
     question = _as_text(record[qf], where, qf, "the question")
     choices = [_as_text(record.get(GPQA_CORRECT), where, GPQA_CORRECT, "the correct option")]
     n = 1
@@ -158,7 +122,7 @@ def _record_id(record: dict, id_field: str, index: int, where: str) -> str:
     if not id_field:
         return str(index)
     if id_field not in record or record[id_field] is None:
-        raise PromptDataError(f"{where}: no id field {id_field!r}; fields: {prompt_data._fields(record)}.")
+        raise PromptDataError(f"{where}: no id field {id_field!r}; fields: {describe_fields(record)}.")
     return str(record[id_field])
 
 
@@ -172,7 +136,7 @@ def load_choice_problems(path: str | os.PathLike, *, question_field: str = "ques
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
     problems: list[ChoiceProblem] = []
-    for where, record in iter_records(path, split):
+    for where, record in iter_records(path, split=split, setting="eval.problems"):
         index = len(problems)
         is_gpqa = layout == "gpqa" or (layout == "auto" and choices_field not in record
                                        and GPQA_CORRECT in record and GPQA_INCORRECT.format(1) in record)
@@ -184,7 +148,7 @@ def load_choice_problems(path: str | os.PathLike, *, question_field: str = "ques
                 hint = (" (GPQA's raw columns are read with layout='gpqa', or found by layout='auto')"
                         if field == choices_field else "")
                 raise PromptDataError(f"{where}: no {what} field {field!r}; this record has fields: "
-                                      f"{prompt_data._fields(record)}{hint}.")
+                                      f"{describe_fields(record)}{hint}.")
         question = _as_text(record[question_field], where, question_field, "the question")
         raw = record[choices_field]
         if isinstance(raw, np.ndarray):
