@@ -41,3 +41,29 @@ def test_each_job_counts_its_own_phase_and_the_cache_by_hand():
     c.lora.enabled = False  # full fine-tuning: a trainable copy and its AdamW moments
     full = estimate_dail_memory(c, cfg, num_devices=1, job="dail_train")
     assert full.term("trainable copy + AdamW").bytes == 3 * full.term("M params").bytes
+
+
+def test_the_jobs_refuse_a_config_that_cannot_fit(tmp_path):
+    """The check runs in each job's config validation, before any weight is loaded."""
+    from opdjax.dail import synthesize, train
+    from opdjax.train.memory import DoesNotFitError
+    m, c = _config("dail_train_qwen3_8b")
+    cfg = preset_config(m.MODEL)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(__import__("json").dumps(cfg.to_hf_dict()))
+    (tmp_path / "traces.jsonl").write_text("{}\n")
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    c.model.path = str(tmp_path / "m")
+    c.mesh.shape = (1, -1, 1)
+    c.train.traces = str(tmp_path / "traces.jsonl")
+    c.train.microbatches = 1
+    c.train.sequences_per_step = 512  # 512 sequences x 2,304 tokens at once: far beyond 8 H100s
+    with pytest.raises(DoesNotFitError, match="does not fit on h100"):
+        train.validate(c)
+    m, c = _config("dail_synthesize_qwen3_8b")
+    c.model.path = str(tmp_path / "m")
+    c.mesh.shape = (1, -1, 1)
+    c.data.problems = str(tmp_path / "p.jsonl")
+    c.synthesis.num_samples = 2048
+    with pytest.raises(DoesNotFitError, match="two KV caches"):
+        synthesize.check_config(c)

@@ -82,8 +82,9 @@ def write_report(config, summary) -> str:
     lines += ["", "## 3. pass@k, base vs trained (same sampling keys)", ""]
     md = os.path.join(w, "eval", "passk.md")
     if os.path.exists(md):
-        with open(md) as f:
-            lines.append(f.read().strip())
+        with open(md) as f:  # nested one level below this report's sections
+            lines += [("#" + ln if ln.startswith("#") else ln) for ln in f.read().strip().splitlines()
+                      if not ln.startswith("# ")]
     for name in sorted(os.listdir(os.path.join(w, "eval"))) if os.path.isdir(os.path.join(w, "eval")) else []:
         if name.endswith(".png"):
             lines += ["", f"![{name}](eval/{name})"]

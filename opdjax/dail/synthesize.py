@@ -151,6 +151,9 @@ def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
                                         field="config.mesh.shape")
     except sharding.ShardingError as e:
         raise SynthesisConfigError(str(e)) from e
+    from opdjax.dail.memory import check_fits, estimate_dail_memory
+    check_fits(estimate_dail_memory(config, model_cfg, num_devices=num_devices or jax.device_count(),
+                                    job="dail_synthesize"))  # refuses a config that cannot fit config.chip
     return model_cfg
 
 

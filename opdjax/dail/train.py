@@ -31,6 +31,7 @@ import optax
 from opdjax import sharding
 from opdjax.dail import contrastive
 from opdjax.dail.config import dail_config
+from opdjax.dail.memory import check_fits, estimate_dail_memory
 from opdjax.dail.prompts import check_templates, render_contexts
 from opdjax.models import lora, qwen
 from opdjax.train import checkpoint as ckpt_lib
@@ -78,7 +79,9 @@ def validate(config):
     if not os.path.isfile(traces):
         raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
                           "(job dail_synthesize) or point train.traces at a traces JSONL file.")
-    return model_cfg(config.model, "model")
+    cfg = model_cfg(config.model, "model")
+    check_fits(estimate_dail_memory(config, cfg, num_devices=jax.device_count(), job="dail_train"))
+    return cfg
 
 
 def traces_path(config) -> str:
