@@ -48,7 +48,7 @@ def get_config(arg=None):
     c.train.chunk_tokens = 128
     c.lora.rank = 8
     c.lora.alpha = 16.0
-    c.optimizer.learning_rate = 2e-3  # a 96k-parameter model: a larger step than the 8B recipe's 2e-4
+    c.optimizer.learning_rate = 2e-4  # the authors' recipe; 2e-3 measured pass@1 0.881 -> 0.775 here
     c.optimizer.warmup_steps = 2
 
     c.eval.samples = 16

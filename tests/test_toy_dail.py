@@ -1,0 +1,93 @@
+"""The DAIL toy: terse expert solutions, templates, demo problem files (opdjax.dail.toy) and the
+shipped model M (opdjax/assets/toy_dail, built by opdjax.models.toy_dail)."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from opdjax.dail import config as dail_config
+from opdjax.dail import toy
+from opdjax.data import grading, toy_task
+from opdjax.data.tokenizer import check_same_tokenizer, load_tokenizer
+from opdjax.models import hf_io, toy_dail, toy_pair
+
+def test_terse_solution_format():
+    p = toy_task.render_problem(7, [("add", 5), ("mul", 3), ("sub", 4), ("add", 9), ("mul", 2)])
+    assert toy.terse_solution(p) == ("... Subtracting 4 from 36 gives 32. ... Multiplying 41 by 2 gives 82. "
+                                     "The answer is 82.")
+    assert toy.terse_solution(p, keep=2) == ("... Multiplying 12 by 3 gives 36. ... Adding 9 to 32 gives 41. "
+                                             "Multiplying 41 by 2 gives 82. The answer is 82.")
+    assert toy.shown_steps(5) == [3, 5] and toy.shown_steps(6) == [3, 6] and toy.shown_steps(3) == [3]
+    with pytest.raises(ValueError):
+        toy.terse_solution(p, keep=1)
+
+
+def test_terse_solutions_skip_steps_keep_answer_and_are_deterministic():
+    problems = toy_task.make_problems(300, seed=5) + toy_task.make_problems(100, seed=5, split="eval")
+    for p in problems:
+        s = toy.terse_solution(p)
+        assert s == toy.terse_solution(dict(p))
+        assert toy_task.extract_answer(s) == grading.extract_answer(s) == p["answer"]
+        k, steps = len(p["ops"]), p["steps"]
+        kept = [x for x in toy_task.split_sentences(s) if x != "..."]
+        assert kept[-1] == steps[-1] and kept[:-1] == [steps[j] for j in toy.shown_steps(k)], s
+        assert k >= 3 and not {1, 2} & set(toy.shown_steps(k))  # the value after op 1 is never written
+        assert len(s) < len(p["solution"])
+    assert toy.terse_solution(problems[0]) == toy.terse_solution(toy_task.make_problems(1, seed=5)[0])
+
+
+def test_templates_and_hint():
+    p = toy_task.render_problem(9, [("sub", 8), ("mul", 4), ("add", 8)])
+    assert toy.student_text(p) == p["prompt"]
+    assert toy.expert_text(p) == "Reference: ... Adding 8 to 4 gives 12. The answer is 12.\n" + p["prompt"]
+    assert toy.toy_hint(p) == "Hint: the final answer is 12; intermediate results might include 1, 4."
+    assert toy.hint_text(p) == toy.toy_hint(p) + "\n" + p["prompt"]
+    assert toy.TOY_HINT_TEXT == dail_config.HINT_TEXT
+    assert toy.TOY_HINT_TEXT_NO_LANDMARKS == dail_config.HINT_TEXT_NO_LANDMARKS
+    assert toy.toy_hint(p, landmarks=[]) == "Hint: the final answer is 12."
+    braces = dict(p, prompt="Start with {x}. {solution}")  # plain substitution: other braces survive
+    assert toy.expert_text(braces, "{solution} {hint}") == "Reference: {solution} {hint}\nStart with {x}. {solution}"
+
+
+def test_write_demo_problems(tmp_path):
+    recs = toy.write_demo_problems(tmp_path / "d" / "problems.jsonl", 5, seed=3, split="eval")
+    back = [json.loads(line) for line in open(tmp_path / "d" / "problems.jsonl")]
+    assert back == recs and len(recs) == 5 and len({r["id"] for r in recs}) == 5
+    for r, p in zip(recs, toy_task.make_problems(5, seed=3, split="eval")):
+        assert set(r) == {"id", "problem", "solution", "answer"}
+        assert (r["problem"], r["solution"], r["answer"]) == (p["prompt"], toy.terse_solution(p), p["answer"])
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return toy_dail.load_toy_dail()
+
+
+def test_shipped_model_loads_and_shares_the_toy_tokenizer(model_dir):
+    student = toy_pair.load_toy_pair()[1]
+    check_same_tokenizer(model_dir, student)
+    tok = load_tokenizer(model_dir)
+    p = toy_task.make_problems(1, seed=0, split="eval")[0]
+    assert toy.render(tok, toy.TOY_STUDENT.replace("{problem}", p["prompt"])) == toy_pair.encode_prompt(tok, p["prompt"])
+    params, cfg = hf_io.load_pretrained(model_dir)
+    assert cfg.model_type == "qwen3" and cfg.vocab_size == len(tok)
+    assert (cfg.num_layers, cfg.hidden_size) == (toy_pair.STUDENT_ARCH.num_layers, toy_pair.STUDENT_ARCH.hidden_size)
+    size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+    assert size < 2 * 2**20
+    build = json.load(open(os.path.join(os.path.dirname(model_dir), "BUILD.json")))
+    assert set(build["accuracy"]) == {"student", "expert", "hint"}
+
+
+def test_expert_context_beats_student_context(model_dir):
+    problems = toy_task.make_problems(32, seed=123, split="eval")
+    tok = load_tokenizer(model_dir)
+    params, cfg = hf_io.load_pretrained(model_dir)
+    acc = {}
+    for context in ("student", "expert"):
+        prompts = [toy.render(tok, toy_dail.context_text(p, context)) for p in problems]
+        texts = toy_dail.generate_from_ids(params, cfg, tok, prompts, batch_size=32)
+        acc[context] = np.mean([toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
+    assert acc["expert"] >= acc["student"] + 0.25, acc
+    assert acc["expert"] >= 0.7, acc
