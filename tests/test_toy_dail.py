@@ -93,6 +93,6 @@ def test_shipped_model_solves_problems_in_every_context(model_dir):
     params, cfg = hf_io.load_pretrained(model_dir)
     for context in ("student", "expert", "hint"):
         prompts = [toy.render(tok, toy_dail.context_text(p, context)) for p in problems]
-        texts = toy_dail.generate_from_ids(params, cfg, tok, prompts, batch_size=32)
+        texts = toy_pair.generate_from_ids(params, cfg, tok, prompts, batch_size=32)
         acc = np.mean([toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
         assert acc >= 0.7, (context, acc)

@@ -43,7 +43,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from opdjax.dail import toy
@@ -51,7 +50,6 @@ from opdjax.data import toy_task
 from opdjax.data.tokenizer import load_tokenizer
 from opdjax.models import hf_io, toy_pair
 from opdjax.models.config import ModelConfig
-from opdjax.rollout.greedy import greedy_generate
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_dail")
 TOKENIZER_SOURCE = os.path.join(os.path.dirname(toy_pair.ASSET_DIR), "toy_pair", "student")
@@ -216,42 +214,13 @@ def training_data(tok, problems: list[dict], mix: dict[str, float], resync: dict
 
 
 # ---------------------------------------------------------------------------------------- eval
-def generate_from_ids(params, cfg: ModelConfig, tok, prompts: list[list[int]], *, temperature: float = 0.0,
-                      seed: int = 0, batch_size: int = 64, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Decoded completions (special tokens dropped) of rendered prompt ids (toy_pair.generate_texts
-    for any context)."""
-    P = -(-max(len(p) for p in prompts) // 16) * 16
-    key = jax.random.key(seed)
-    texts = []
-    for b0 in range(0, len(prompts), batch_size):
-        chunk = prompts[b0:b0 + batch_size]
-        rows = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - rows)  # fixed shapes: one compile
-        toks = np.full((batch_size, P), tok.pad_token_id, np.int32)
-        mask = np.zeros((batch_size, P), bool)
-        for i, p in enumerate(chunk):  # left-padded
-            toks[i, P - len(p):], mask[i, P - len(p):] = p, True
-        if temperature and temperature > 0:
-            key, sub = jax.random.split(key)
-            out, real = toy_pair.sample_generate(params, jnp.asarray(toks), jnp.asarray(mask), cfg, sub,
-                                                 max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id,
-                                                 temperature=jnp.float32(temperature), pad_id=tok.pad_token_id)
-        else:
-            out, real = greedy_generate(params, jnp.asarray(toks), jnp.asarray(mask), cfg,
-                                        max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id,
-                                        pad_id=tok.pad_token_id)
-        out, real = np.asarray(out), np.asarray(real)
-        texts += [tok.decode(out[i][real[i]].tolist(), skip_special_tokens=True) for i in range(rows)]
-    return texts
-
-
 def evaluate_context(params, cfg: ModelConfig, tok, problems: list[dict], context: str, *,
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """Accuracy, exact-solution rate and first-wrong-step histogram of `problems` in `context`
     (hint landmarks: the problem's values)."""
     prompts = [toy.render(tok, context_text(p, context)) for p in problems]
-    texts = generate_from_ids(params, cfg, tok, prompts, temperature=temperature, seed=seed,
-                              batch_size=batch_size)
+    texts = toy_pair.generate_from_ids(params, cfg, tok, prompts, temperature=temperature, seed=seed,
+                                       batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS)
     correct = [toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
     fws = [toy_task.first_wrong_step(t, p) for t, p in zip(texts, problems)]
     hist = collections.Counter("none" if f is None else str(f) for f in fws)

@@ -227,10 +227,10 @@ def sample_generate(params, prompt, prompt_mask, cfg: ModelConfig, key, *, max_n
     return tokens.T, real.T
 
 
-def generate_texts(params, cfg: ModelConfig, tok, problems: list[dict], *, temperature: float = 0.0,
-                   seed: int = 0, batch_size: int = 64, max_new_tokens: int = 112) -> list[str]:
-    """Decoded completions (special tokens dropped) for each problem's chat prompt."""
-    prompts = [encode_prompt(tok, p["prompt"]) for p in problems]
+def generate_from_ids(params, cfg: ModelConfig, tok, prompts: list[list[int]], *, temperature: float = 0.0,
+                      seed: int = 0, batch_size: int = 64, max_new_tokens: int = 112) -> list[str]:
+    """Decoded completions (special tokens dropped) of rendered prompt ids, greedy or sampled,
+    in fixed-shape batches (one compile)."""
     P = max(len(p) for p in prompts)
     P = -(-P // 8) * 8
     key = jax.random.key(seed)
@@ -256,6 +256,14 @@ def generate_texts(params, cfg: ModelConfig, tok, problems: list[dict], *, tempe
         for i in range(rows):
             texts.append(tok.decode(out[i][real[i]].tolist(), skip_special_tokens=True))
     return texts
+
+
+def generate_texts(params, cfg: ModelConfig, tok, problems: list[dict], *, temperature: float = 0.0,
+                   seed: int = 0, batch_size: int = 64, max_new_tokens: int = 112) -> list[str]:
+    """Decoded completions for each problem's chat prompt."""
+    return generate_from_ids(params, cfg, tok, [encode_prompt(tok, p["prompt"]) for p in problems],
+                             temperature=temperature, seed=seed, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens)
 
 
 def evaluate(params, cfg: ModelConfig, tok, problems: list[dict], *, temperature: float = 0.0,
