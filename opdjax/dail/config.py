@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from opdjax.train.config import model_section
+from opdjax.train.config import model_section, optimizer_section
 
 # The three contexts, written for opdjax (templates, not code). Placeholders are replaced by plain
 # substitution, never str.format, so braces in LaTeX problems are safe:
@@ -117,15 +117,7 @@ def dail_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 32.0
     c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 2e-4
-    c.optimizer.schedule = "linear"  # constant | cosine | linear (all after linear warmup)
-    c.optimizer.warmup_steps = 5
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.grad_clip = 1.0
+    c.optimizer = optimizer_section(learning_rate=2e-4, schedule="linear", warmup_steps=5, weight_decay=0.01)
 
     # Evaluation: pass@k for k = 1..samples, base vs trained.
     c.eval = ml_collections.ConfigDict()

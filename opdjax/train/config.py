@@ -20,6 +20,21 @@ def model_section(path: str = "", dtype: str = "float32") -> ml_collections.Conf
     return m
 
 
+def optimizer_section(learning_rate: float = 1e-5, schedule: str = "constant", warmup_steps: int = 0,
+                      weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+    """AdamW after global-norm clipping (opdjax.train.step.make_optimizer reads it)."""
+    o = ml_collections.ConfigDict()
+    o.learning_rate = learning_rate
+    o.schedule = schedule  # constant | cosine | linear (all after linear warmup)
+    o.warmup_steps = warmup_steps
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = weight_decay
+    o.grad_clip = 1.0  # global-norm clipping; 0 = off
+    return o
+
+
 def opd_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "opd"
@@ -82,15 +97,7 @@ def opd_config() -> ml_collections.ConfigDict:
     c.loss.jsd_beta = 0.5  # jsd: mixture weight
     c.loss.chunk_tokens = 256  # full-vocabulary losses: positions per chunk (no [B,T,V] in float32)
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-5
-    c.optimizer.schedule = "constant"  # constant | cosine | linear (all after linear warmup)
-    c.optimizer.warmup_steps = 0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
+    c.optimizer = optimizer_section()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100
