@@ -26,7 +26,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from opdjax import sharding
 from opdjax.dail import contrastive
