@@ -56,7 +56,7 @@ setup(
     description="Strong-to-weak on-policy distillation with a release rule, and DAIL, in JAX/Flax",
     packages=find_packages(include=["opdjax", "opdjax.*"]),
     python_requires=">=3.10",
-    package_data={"opdjax": ["assets/toy_pair/*/*", "assets/toy_pair/*.json", "assets/toy_dail/*",
+    package_data={"opdjax": ["assets/toy_pair/*/*", "assets/toy_pair/*.json", "assets/toy_dail/*", "assets/prompts/*",
                             "assets/toy_dail/*/*"]},
     include_package_data=True,
     install_requires=RUNTIME,

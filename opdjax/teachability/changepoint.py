@@ -223,3 +223,138 @@ def bic_scan_numpy_loop(M, valid, *, penalty: float = 1.0, min_segment: int = 2,
     dtypes = (np.int32, np.int32, np.float64, np.float64, np.float64, bool, np.int32,
               np.int32, np.float64, bool)
     return ChangePoint(*(np.asarray(c, dt) for c, dt in zip(cols, dtypes)))
+
+
+# ------------------------------------------------------------------ permutation calibration
+class PermutationTest(NamedTuple):
+    """`release.calibration = "permutation"`: each trajectory's delta BIC against the same
+    statistic over P random reorderings of its own sentence scores (RELEASE_RULE.md, Step 3).
+
+    p = (1 + #{reorderings with delta_bic >= observed}) / (P + 1), the standard permutation
+    p-value: under exchangeable sentence scores (no shift, no trend), P(p <= alpha) <= alpha for
+    every alpha, whatever J, the penalty or the score distribution. The penalty term
+    -kappa lambda ln J is the same for a trajectory and its reorderings, so lambda cancels here.
+    A trajectory with no downward candidate has p = 1 and is never detected.
+    """
+    p_down: jax.Array             # [B] float32
+    p_up: jax.Array               # [B] float32 (the same for the best upward shift)
+    detected: jax.Array           # [B] bool: downward candidate, J >= 2 * min_segment, p_down <= alpha
+    upward_detected: jax.Array    # [B] bool
+    chance_bic: jax.Array         # [B] share of the reorderings on which the plain BIC test fires
+    chance_bic_up: jax.Array      # [B] the same for upward shifts
+    chance_permutation: jax.Array     # [B] share of reorderings the permutation test itself flags
+    chance_permutation_up: jax.Array  # [B]
+
+
+def check_permutation_config(*, alpha, num_permutations) -> None:
+    if not (isinstance(alpha, (float, int, np.floating)) and 0 < alpha < 1):
+        raise ValueError(f"release.alpha={alpha!r} must lie in (0, 1) (default 0.05).")
+    if not (isinstance(num_permutations, (int, np.integer)) and num_permutations >= 1):
+        raise ValueError(f"release.permutations={num_permutations!r} must be an integer >= 1 (default 200).")
+    if (num_permutations + 1) * alpha < 1:
+        # The smallest attainable p-value is 1/(P+1): with fewer reorderings nothing can be detected.
+        raise ValueError(f"release.permutations={num_permutations} is too few for release.alpha={alpha}: the "
+                         f"smallest p-value is 1/(P+1) = {1 / (num_permutations + 1):.3g} > alpha, so nothing "
+                         f"could ever be detected. Use at least {int(np.ceil(1 / alpha)) - 1} permutations.")
+
+
+@functools.partial(jax.jit, static_argnames=("num_permutations",))
+def permutation_orders(key, valid, num_permutations: int):
+    """[B, P, J_max] int32: P uniform random orders of each row's valid sentences, which come
+    first (holes closed up); the invalid positions follow, so the reordered rows are prefix-valid."""
+    noise = jax.random.uniform(key, (valid.shape[0], num_permutations, valid.shape[1]))
+    return jnp.argsort(jnp.where(valid[:, None, :], noise, 2.0), axis=2).astype(jnp.int32)
+
+
+def tie_tolerance(x, dtype):
+    """A reordering that puts the same sentences on each side as the real order has the same
+    delta BIC up to rounding; it must count as a tie (>=), or p would depend on summation order."""
+    rtol = 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+    return rtol * jnp.maximum(1.0, jnp.abs(x))
+
+
+def _p_values(null, observed, num_permutations):
+    """(1 + #{null >= observed}) / (P + 1) per row; null [B, P], observed [B] or [B, P].
+    Near-ties (tie_tolerance) count as >=: conservative."""
+    obs = observed if observed.ndim == 2 else observed[:, None]
+    obs = jnp.where(jnp.isfinite(obs), obs - tie_tolerance(obs, null.dtype), obs)
+    sorted_null = jnp.sort(null, axis=1)
+    below = jax.vmap(lambda s, o: jnp.searchsorted(s, o, side="left"))(sorted_null, obs)
+    return (1 + num_permutations - below).astype(jnp.float32) / (num_permutations + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("alpha", "penalty", "min_segment", "variance", "eps",
+                                             "chunk"))
+def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 1.0, min_segment: int = 2,
+                     variance: str = "shared", eps: float = 1e-8, chunk: int = 32) -> PermutationTest:
+    """Calibrate every row's downward (and upward) delta BIC against its P reorderings `orders`
+    ([B, P, J_max], from `permutation_orders`). The reorderings are scanned `chunk` at a time
+    (lax.map), so memory is O(B * chunk * J_max) whatever P is.
+
+    The chance columns are the rates one would see on trajectories with no structure at all:
+    `chance_bic` is the plain BIC test's firing rate on the reorderings, `chance_permutation`
+    treats each reordering in turn as the observation (against the other P - 1 and the real
+    order), which is <= alpha up to ties.
+    """
+    check_release_config(penalty=penalty, min_segment=min_segment, variance=variance)
+    num_permutations = orders.shape[1]
+    check_permutation_config(alpha=alpha, num_permutations=num_permutations)
+    scan = functools.partial(bic_scan, penalty=penalty, min_segment=min_segment, variance=variance, eps=eps)
+    observed = scan(M, valid)
+
+    def one(order):  # order [B, J_max] -> the scan of the reordered rows
+        cp = scan(jnp.take_along_axis(M, order, axis=1), jnp.take_along_axis(valid, order, axis=1))
+        return cp.delta_bic, cp.upward_delta_bic, cp.detected, cp.upward_detected
+
+    down, up, fired, fired_up = jax.lax.map(one, jnp.moveaxis(orders, 1, 0), batch_size=chunk)
+    down, up, fired, fired_up = (jnp.moveaxis(a, 0, 1) for a in (down, up, fired, fired_up))  # [B, P]
+    enough = observed.num_sentences >= 2 * min_segment
+
+    def calibrate(null, obs_stat):
+        p = jnp.where(jnp.isfinite(obs_stat), _p_values(null, obs_stat, num_permutations)[:, 0], 1.0)
+        # Each reordering as the observation: (1 + #{other orders >= it}) / (P + 1), the other
+        # orders being the P - 1 other reorderings and the real one. #{null >= x} counts x itself,
+        # which stands in for the 1.
+        at_least = _p_values(null, null, num_permutations) * (num_permutations + 1) - 1  # self included
+        tied_or_above = obs_stat[:, None] >= null - tie_tolerance(null, null.dtype)
+        p_null = (at_least + tied_or_above) / (num_permutations + 1)
+        flagged = jnp.isfinite(null) & (p_null <= alpha) & enough[:, None]
+        return p, jnp.isfinite(obs_stat) & enough & (p <= alpha), jnp.mean(flagged.astype(jnp.float32), axis=1)
+
+    p_down, detected, chance_perm = calibrate(down, observed.delta_bic)
+    p_up, up_detected, chance_perm_up = calibrate(up, observed.upward_delta_bic)
+    mean = lambda a: jnp.mean(a.astype(jnp.float32), axis=1)  # noqa: E731
+    return PermutationTest(p_down, p_up, detected, up_detected, mean(fired), mean(fired_up), chance_perm,
+                           chance_perm_up)
+
+
+def permutation_test_numpy_loop(M, valid, orders, *, alpha: float = 0.05, penalty: float = 1.0,
+                                min_segment: int = 2, variance: str = "shared",
+                                eps: float = 1e-8) -> PermutationTest:
+    """Oracle: the float64 O(J^2) loop on every reordering, counts by plain comparisons."""
+    M, valid, orders = np.asarray(M, np.float64), np.asarray(valid, bool), np.asarray(orders)
+    B, P = orders.shape[:2]
+    kw = dict(penalty=penalty, min_segment=min_segment, variance=variance, eps=eps)
+    obs = bic_scan_numpy_loop(M, valid, **kw)
+    out = {k: np.zeros(B) for k in PermutationTest._fields}
+    for b in range(B):
+        perm = bic_scan_numpy_loop(M[b][orders[b]], valid[b][orders[b]], **kw)
+        enough = obs.num_sentences[b] >= 2 * min_segment
+        for suffix, stat, null, fired in (("", obs.delta_bic[b], perm.delta_bic, perm.detected),
+                                          ("_up", obs.upward_delta_bic[b], perm.upward_delta_bic,
+                                           perm.upward_detected)):
+            tol = lambda x: 1e-10 * max(1.0, abs(x))  # noqa: E731  float64 ties (tie_tolerance)
+            p = (1 + sum(x >= stat - tol(stat) for x in null)) / (P + 1) if np.isfinite(stat) else 1.0
+            flagged = 0
+            for j in range(P):
+                others = [null[k] for k in range(P) if k != j] + [stat]
+                p_j = (1 + sum(x >= null[j] - tol(null[j]) for x in others)) / (P + 1)
+                flagged += bool(np.isfinite(null[j]) and p_j <= alpha and enough)
+            name = "down" if not suffix else "up"
+            out[f"p_{name}"][b] = p
+            out["detected" if not suffix else "upward_detected"][b] = np.isfinite(stat) and enough and p <= alpha
+            out[f"chance_bic{suffix}"][b] = np.mean(fired)
+            out[f"chance_permutation{suffix}"][b] = flagged / P
+    for k in ("detected", "upward_detected"):
+        out[k] = out[k].astype(bool)
+    return PermutationTest(**out)

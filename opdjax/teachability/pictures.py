@@ -265,13 +265,13 @@ def write_release_report(out_dir: str | Path, step: int, *, response_mask, sent_
                          release_index, weights, token_ids=None, tokenizer=None,
                          token_texts: Sequence[Sequence[str]] | None = None,
                          margin_name: str = "advantage_gap", max_trajectories: int = 4,
-                         indices: Sequence[int] | None = None) -> list[Path]:
+                         indices: Sequence[int] | None = None, folder_name: str | None = None) -> list[Path]:
     """PNG + HTML + Markdown for a few trajectories of one batch, under out_dir/release_step{step}.
 
     Arrays are the batch's [B, R] / [B, J] / [B] arrays (jax or numpy). The text comes from
     `token_texts` (per row, per real token) or from `token_ids` [B, R] with `tokenizer` (an HF
     tokenizer or any `decode(ids) -> str` callable). Rows: `indices`, else `pick_trajectories`.
-    Returns the written paths.
+    `folder_name` replaces the release_step<step> folder. Returns the written paths.
     """
     mask = np.asarray(response_mask, bool)
     arr = {k: np.asarray(v) for k, v in dict(sent_ids=sent_ids, margins=margins, scores=sentence_scores,
@@ -286,7 +286,7 @@ def write_release_report(out_dir: str | Path, step: int, *, response_mask, sent_
               if hasattr(tokenizer, "decode") else tokenizer)
     if indices is None:
         indices = pick_trajectories(arr["r"] < lengths, arr["dbic"], max_trajectories)
-    folder = Path(out_dir) / f"release_step{int(step):07d}"
+    folder = Path(out_dir) / (folder_name if folder_name is not None else f"release_step{int(step):07d}")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for b in indices:

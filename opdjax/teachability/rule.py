@@ -26,6 +26,7 @@ from opdjax.teachability import changepoint, margins, release
 from opdjax.teachability.segments import Segments, segment_batch
 
 MODES = ("bic", "full", "prefix_fraction", "random_matched")
+CALIBRATIONS = ("bic", "permutation")
 
 
 def release_config() -> ml_collections.ConfigDict:
@@ -40,6 +41,12 @@ def release_config() -> ml_collections.ConfigDict:
     c.bic_penalty = 1.0  # lambda in dBIC = J ln(RSS0/RSS1) - kappa lambda ln J (BIC-style: paper)
     c.variance = "shared"  # shared | separate Gaussian variance (ours)
     c.min_segment = 2  # sentences on each side of a split (ours)
+    # bic (the paper's: detect iff delta BIC > 0) | permutation (ours: detect iff delta BIC beats
+    # the (1 - alpha) level of the same statistic over `permutations` reorderings of the
+    # trajectory's own sentence scores; removes the releases plain BIC makes by chance)
+    c.calibration = "bic"
+    c.alpha = 0.05  # calibration=permutation: false-release rate on shift-free trajectories
+    c.permutations = 200  # calibration=permutation: P reorderings per trajectory
     c.fade = "hard"  # hard (the paper's "truncate") | linear | exp (ours)
     c.fade_tokens = 32  # linear fade length
     c.half_life = 16.0  # exp fade half-life, tokens
@@ -59,6 +66,9 @@ class ReleaseSettings:
     bic_penalty: float
     variance: str
     min_segment: int
+    calibration: str
+    alpha: float
+    permutations: int
     fade: str
     fade_tokens: int
     half_life: float
@@ -85,6 +95,9 @@ def settings_from_config(c: ml_collections.ConfigDict) -> ReleaseSettings:
         raise ValueError(f"release.max_sentences={full.max_sentences!r} must be an integer >= 1.")
     changepoint.check_release_config(penalty=full.bic_penalty, min_segment=full.min_segment,
                                      variance=full.variance)
+    if full.calibration not in CALIBRATIONS:
+        raise ValueError(f"release.calibration={full.calibration!r}: choose one of {', '.join(CALIBRATIONS)}.")
+    changepoint.check_permutation_config(alpha=full.alpha, num_permutations=full.permutations)
     release.validate_fade(full.fade, full.fade_tokens, full.half_life)
     if not 0.0 <= full.prefix_fraction <= 1.0:
         raise ValueError(f"release.prefix_fraction={full.prefix_fraction!r} must lie in [0, 1].")
@@ -121,23 +134,47 @@ def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, respon
                          f"{settings.max_sentences}; raise it (responses are never cut).")
     if key is None:
         key = jax.random.key(0)
-    return ReleaseDecision(*_decide(settings, m.margin, m.margin_defined, m.advantage,
+    return ReleaseDecision(*_decide(settings, scan_width(too_long, settings), m.margin, m.margin_defined, m.advantage,
                                     jnp.asarray(segs.sent_ids), jnp.asarray(response_mask, bool), key),
                            segs)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decide(s: ReleaseSettings, margin, margin_defined, advantage, sent_ids, response_mask, key):
+def scan_width(num_sentences: int, settings: ReleaseSettings) -> int:
+    """Columns of the sentence arrays for a batch whose longest response has `num_sentences`:
+    the next power of two (>= 8), capped at release.max_sentences. The scan costs O(width), and
+    the permutation calibration O(P * width), so a batch of 12-sentence answers should not pay
+    for 512 columns; powers of two bound the number of compiled shapes to log2(max_sentences)."""
+    return min(settings.max_sentences, max(8, 1 << max(int(num_sentences) - 1, 0).bit_length()))
+
+
+def detect(s: ReleaseSettings, M, valid, key):
+    """The change point of every row under `release.calibration` (traced inside jit).
+    Returns (ChangePoint whose `detected` / `upward_detected` follow the calibration, chance
+    level, extra stats). The chance level is the share of trajectories the same test flags once
+    each trajectory's sentence scores are put in a random order."""
+    cp = changepoint.bic_scan(M, valid, penalty=s.bic_penalty, min_segment=s.min_segment, variance=s.variance)
+    if s.calibration == "bic":
+        return cp, _shuffled_release_rate(key, M, valid, s), {}
+    orders = changepoint.permutation_orders(key, valid, s.permutations)
+    pt = changepoint.permutation_test(M, valid, orders, alpha=s.alpha, penalty=s.bic_penalty,
+                                      min_segment=s.min_segment, variance=s.variance)
+    extra = {"bic_release_rate": jnp.mean(cp.detected.astype(jnp.float32)),  # what plain BIC would do
+             "bic_chance_rate": jnp.mean(pt.chance_bic)}
+    cp = cp._replace(detected=pt.detected, upward_detected=pt.upward_detected)
+    return cp, jnp.mean(pt.chance_permutation), extra
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decide(s: ReleaseSettings, width: int, margin, margin_defined, advantage, sent_ids, response_mask, key):
     # Undefined margins (fewer than two candidates present) are left out of the sentence means
     # rather than counted as 0, which would plant spurious low sentences.
     g = jnp.where(margin_defined & response_mask, margin, jnp.nan)
-    M, valid, _ = changepoint.sentence_scores(g, sent_ids, s.max_sentences, s.sentence_reduce)
-    cp = changepoint.bic_scan(M, valid, penalty=s.bic_penalty, min_segment=s.min_segment,
-                              variance=s.variance)
+    M, valid, _ = changepoint.sentence_scores(g, sent_ids, width, s.sentence_reduce)
+    key_random, key_shuffle = jax.random.split(key)
+    cp, chance, extra = detect(s, M, valid, key_shuffle)
     rule_r = release.release_index(cp.release_sentence, cp.detected, sent_ids, response_mask)
     rule_w = release.release_weights(rule_r, response_mask, s.fade, s.fade_tokens, s.half_life)
     kept_ratio = jnp.sum(rule_w) / jnp.maximum(jnp.sum(response_mask), 1)
-    key_random, key_shuffle = jax.random.split(key)
     lengths = release.response_lengths(response_mask)
     if s.mode == "bic":
         r = rule_r
@@ -153,7 +190,8 @@ def _decide(s: ReleaseSettings, margin, margin_defined, advantage, sent_ids, res
     stats["rule_release_rate"] = jnp.mean(cp.detected.astype(jnp.float32))
     stats["rule_kept_share"] = kept_ratio
     stats["upward_shift_rate"] = jnp.mean(cp.upward_detected.astype(jnp.float32))
-    stats["shuffled_release_rate"] = _shuffled_release_rate(key_shuffle, M, valid, s)
+    stats["shuffled_release_rate"] = chance
+    stats.update(extra)
     stats["mean_num_sentences"] = jnp.mean(cp.num_sentences.astype(jnp.float32))
     stats["mean_delta_bic_detected"] = jnp.sum(jnp.where(cp.detected, cp.delta_bic, 0.0)) / jnp.maximum(
         jnp.sum(cp.detected), 1)

@@ -129,4 +129,15 @@ def opd_config() -> ml_collections.ConfigDict:
     # differing only in release.mode; then a side-by-side report.
     c.compare = ml_collections.ConfigDict()
     c.compare.arms = ("bic", "full")
+
+    # job=diagnose only (opdjax.train.diagnose): is local teachability collapse there at all?
+    # Student rollouts on the first `num_prompts` prompts of data (rollout.samples_per_prompt
+    # each, batch.prompts_per_step per call), teacher scores, and the release rule with every
+    # margin variant under both calibrations (release.permutations, release.alpha); no update.
+    c.diagnose = ml_collections.ConfigDict()
+    c.diagnose.num_prompts = 16  # 0 = every prompt of data.train_file (or data.num_train toy problems)
+    c.diagnose.variants = ("advantage_gap", "teacher_gap", "sampled_margin", "renorm_prob_gap")
+    c.diagnose.significance = 0.01  # level of the verdict's tests
+    c.diagnose.examples = 3  # trajectories drawn per variant in the report
+    c.diagnose.directory = ""  # "" = workdir/diagnosis
     return c

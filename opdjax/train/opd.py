@@ -105,11 +105,23 @@ def stop_ids(config, tokenizer, cfg) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def sampling_settings(config, settings, tokenizer, cfg) -> SamplingSettings:
+    """The rollout section as the sampler's settings (records the release rule's top-K)."""
+    r = config.rollout
+    return SamplingSettings(r.max_new_tokens, float(r.temperature), float(r.top_p), int(r.top_k), settings.top_k,
+                            stop_ids(config, tokenizer, cfg), r.cache_dtype).check(cfg.vocab_size)
+
+
 # ---------------------------------------------------------------------------------- one step
-def rollout_and_release(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
-                        tokenizer, prompt_rows, prompt_len, key, plan):
-    """Steps 1-3 for one batch of prompt rows: rollouts, teacher scores, release decision.
-    Returns (TrainBatch, decision, rollout, timings)."""
+def rollout_and_score(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
+                      tokenizer, prompt_rows, prompt_len, key, plan, *, overlap_segments: bool = True):
+    """Steps 1-2 and the sentence split for one batch of prompt rows (the OPD step and the
+    diagnosis share it). Returns (rollout, teacher scores, segments, (tokens, mask) of prompt +
+    response, (pi_old of y_t, pi_old of the candidates), timings).
+
+    overlap_segments: split sentences on the host while the device scores (the trainer). False
+    waits for the scores first, so that score_s and segment_s do not contain each other (the
+    diagnosis reports them apart)."""
     timings = {}
     tok, pmask = prompt_data.left_pad(prompt_rows, tokenizer.pad_token_id, length=prompt_len)
     tok_d = sharding.put_global_batch(plan, tok, ("batch", "length"))
@@ -127,18 +139,30 @@ def rollout_and_release(config, settings, sampling, student_params, teacher_para
     fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
     scores = teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg, prompt_len=prompt_len,
                               chunk_tokens=config.loss.chunk_tokens, plan=plan)
+    if not overlap_segments:
+        jax.block_until_ready(scores)
     t_seg = time.perf_counter()
     segments = segment_batch(tokenizer, np.asarray(roll.tokens), np.asarray(roll.mask),
                              split_blank_lines=settings.split_blank_lines)
     timings["segment_s"] = time.perf_counter() - t_seg  # host, overlapped with scoring
     jax.block_until_ready(scores)
-    timings["score_s"] = time.perf_counter() - t  # scoring wall time, segmentation inside it
-
-    t = time.perf_counter()
+    # scoring wall time; with overlap_segments the segmentation runs inside it
+    timings["score_s"] = time.perf_counter() - t - (0.0 if overlap_segments else timings["segment_s"])
     if config.rollout.old_logp == "sampled":
-        old_logp, old_cand = roll.logp_sampled, roll.topk_logp_sampled
+        old = (roll.logp_sampled, roll.topk_logp_sampled)
     else:
-        old_logp, old_cand = roll.logp_model, roll.topk_logp_model
+        old = (roll.logp_model, roll.topk_logp_model)
+    return roll, scores, segments, (full, fmask), old, timings
+
+
+def rollout_and_release(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
+                        tokenizer, prompt_rows, prompt_len, key, plan):
+    """Steps 1-3 for one batch of prompt rows: rollouts, teacher scores, release decision.
+    Returns (TrainBatch, decision, rollout, scores, timings)."""
+    roll, scores, segments, (full, fmask), (old_logp, old_cand), timings = rollout_and_score(
+        config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg, tokenizer,
+        prompt_rows, prompt_len, key, plan)
+    t = time.perf_counter()
     decision = rule.decide_release(
         settings, tokenizer=tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
         teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
@@ -228,10 +252,7 @@ def run(config) -> dict:
         log.info("resumed from %s at step %d (data position %s)", ckpt.directory, start, meta["data"])
     teacher_params = load_params(config.teacher, teacher_cfg, plan)
 
-    sampling = SamplingSettings(config.rollout.max_new_tokens, float(config.rollout.temperature),
-                                float(config.rollout.top_p), int(config.rollout.top_k), settings.top_k,
-                                stop_ids(config, student_tok, student_cfg),
-                                config.rollout.cache_dtype).check(student_cfg.vocab_size)
+    sampling = sampling_settings(config, settings, student_tok, student_cfg)
     step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
                                  microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
                                  clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))

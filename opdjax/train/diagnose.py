@@ -1,0 +1,197 @@
+"""The `diagnose` job: measure whether local teachability collapse is there at all, for one
+teacher/student pair and one prompt set, before a training run is spent on the release rule.
+
+    python launch/tpu_run.py --config configs/diagnose_toy_pair.py
+    python launch/tpu_run.py --config configs/<your OPD config>.py --config.job=diagnose
+
+The same config as training (models, data, rollout, release), plus the `diagnose` section. The
+student samples `rollout.samples_per_prompt` answers to each of the first `diagnose.num_prompts`
+prompts, the teacher scores them, the responses are split into sentences: the OPD step's own
+code (opd.rollout_and_score). No parameter is updated. The per-token arrays are saved
+(workdir/diagnosis/arrays.npz) and the statistics are computed from them
+(teachability.diagnosis), then drawn and written (teachability.diagnosis_report):
+    diagnosis.json   every number, the verdict, the timings
+    report.md        the verdict paragraph, tables, pictures
+    per_rollout.npz  the per-rollout statistics of every variant
+`diagnose(config)` is the same as a Python function; it returns the results dict.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from opdjax import sharding
+from opdjax.data import prompts as prompt_data
+from opdjax.teachability import diagnosis, diagnosis_report, margins
+from opdjax.train import metrics as metrics_lib
+from opdjax.train.opd import load_params, problems_for, rollout_and_score, sampling_settings
+from opdjax.train.validate import ConfigError, load_tokenizer_for, validate_config
+
+log = logging.getLogger(__name__)
+
+
+def check_diagnose_section(d) -> None:
+    """Names the `diagnose.*` field and the fix; before any model is loaded."""
+    if not (isinstance(d.num_prompts, int) and d.num_prompts >= 0):
+        raise ConfigError(f"config.diagnose.num_prompts={d.num_prompts!r} must be an integer >= 0 (0 = all).")
+    variants = tuple(d.variants)
+    if not variants:
+        raise ConfigError("config.diagnose.variants is empty; name at least one of "
+                          f"{', '.join(margins.MARGIN_VARIANTS)}.")
+    for v in variants:
+        if v not in margins.MARGIN_VARIANTS:
+            raise ConfigError(f"config.diagnose.variants contains {v!r}; choose among "
+                              f"{', '.join(margins.MARGIN_VARIANTS)}.")
+    if len(set(variants)) != len(variants):
+        raise ConfigError(f"config.diagnose.variants={variants!r} names a variant twice.")
+    if not 0 < d.significance < 1:
+        raise ConfigError(f"config.diagnose.significance={d.significance!r} must lie in (0, 1).")
+    if not (isinstance(d.examples, int) and d.examples >= 0):
+        raise ConfigError(f"config.diagnose.examples={d.examples!r} must be an integer >= 0.")
+
+
+def _encode(config, tokenizer, template):
+    train, _ = problems_for(config)
+    n = config.diagnose.num_prompts or len(train)
+    if n > len(train):
+        raise ConfigError(f"config.diagnose.num_prompts={n} but the prompt set has only {len(train)} prompts "
+                          "(lower it, or 0 for all of them).")
+    problems = train[:n]
+    kw = dict(system_prompt=config.data.system_prompt, enable_thinking=config.data.enable_thinking,
+              max_prompt_tokens=config.data.max_prompt_tokens, chat_template=template)
+    return problems, prompt_data.encode_prompts(tokenizer, problems, **kw)
+
+
+def collect(config, checked, student_tok, template, plan, *, progress: bool = True):
+    """Rollouts, teacher scores and sentence ids for the diagnosis prompts, as host arrays."""
+    problems, encoded = _encode(config, student_tok, template)
+    settings = checked.release
+    sampling = sampling_settings(config, settings, student_tok, checked.student_cfg)
+    timings = {"load_s": 0.0, "sample_s": 0.0, "score_s": 0.0, "segment_s": 0.0, "grade_s": 0.0}
+    t = time.perf_counter()
+    student = load_params(config.student, checked.student_cfg, plan)
+    teacher = load_params(config.teacher, checked.teacher_cfg, plan)
+    timings["load_s"] = time.perf_counter() - t
+
+    n_samples, per_call = config.rollout.samples_per_prompt, config.batch.prompts_per_step
+    prompt_len = max(map(len, encoded))
+    calls = -(-len(encoded) // per_call)
+    root = jax.random.key(config.seed)
+    parts: dict[str, list] = {k: [] for k in diagnosis.ARRAY_FIELDS}
+    parts.update(prompt_index=[], texts=[])
+    bar = metrics_lib.Progress(calls, 0, enabled=progress and config.metrics.progress)
+    for call in range(calls):
+        idx = list(range(call * per_call, min((call + 1) * per_call, len(encoded))))
+        # A short last call repeats its last prompt to keep the compiled shape; those rows are dropped.
+        padded = idx + [idx[-1]] * (per_call - len(idx))
+        rows = [encoded[i] for i in padded for _ in range(n_samples)]
+        roll, scores, segs, _, (old_logp, old_cand), tm = rollout_and_score(
+            config, settings, sampling, student, teacher, checked.student_cfg, checked.teacher_cfg, student_tok,
+            rows, prompt_len, jax.random.fold_in(root, call), plan, overlap_segments=False)
+        for k in ("sample_s", "score_s", "segment_s"):
+            timings[k] += tm[k]
+        keep = len(idx) * n_samples
+        host = jax.device_get(dict(response_ids=roll.tokens, response_mask=roll.mask,
+                                   teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
+                                   student_sampled_logp=old_logp, student_cand_logp=old_cand,
+                                   candidate_ids=roll.topk_ids))
+        host["sent_ids"] = segs.sent_ids
+        for k, v in host.items():
+            parts[k].append(np.asarray(v)[:keep])
+        parts["prompt_index"] += [i for i in idx for _ in range(n_samples)]
+        parts["texts"] += segs.texts[:keep]
+        bar.update(call + 1, tokens=int(np.asarray(roll.mask)[:keep].sum()))
+    bar.close()
+    arrays = {k: np.concatenate(parts[k]) for k in diagnosis.ARRAY_FIELDS}
+    arrays["prompt_index"] = np.asarray(parts["prompt_index"], np.int32)
+    t = time.perf_counter()
+    golds = [problems[i].answer for i in arrays["prompt_index"]]
+    if any(g not in (None, "") for g in golds):
+        from opdjax.data.grading import grade
+        arrays["correct"] = np.array([-1 if g in (None, "") else int(grade(text, g))
+                                      for text, g in zip(parts["texts"], golds)], np.int8)
+    timings["grade_s"] = time.perf_counter() - t
+    return arrays, parts["texts"], problems, timings
+
+
+def diagnose(config) -> dict:
+    """Run the diagnosis described by `config`; returns the results (also in diagnosis.json)."""
+    t_start = time.perf_counter()
+    check_diagnose_section(config.diagnose)
+    student_tok = load_tokenizer_for(config.student, "student")
+    teacher_tok = load_tokenizer_for(config.teacher, "teacher")
+    checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
+    template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
+        config.tokenizer.chat_template]
+    out_dir = config.diagnose.directory or os.path.join(config.workdir, "diagnosis")
+    os.makedirs(out_dir, exist_ok=True)
+    plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
+
+    arrays, texts, problems, timings = collect(config, checked, student_tok, template, plan)
+    np.savez_compressed(os.path.join(out_dir, "arrays.npz"), **arrays)
+    log.info("%d rollouts, %d response tokens; sampling %.1f s, scoring %.1f s", len(texts),
+             int(arrays["response_mask"].sum()), timings["sample_s"], timings["score_s"])
+
+    diag = diagnosis.DiagnoseSettings(tuple(config.diagnose.variants), float(config.diagnose.significance),
+                                      int(config.seed))
+    t = time.perf_counter()
+    results, per_variant = diagnosis.diagnose(arrays, checked.release, diag)
+    timings["analysis_s"] = time.perf_counter() - t
+    np.savez_compressed(os.path.join(out_dir, "per_rollout.npz"),
+                        **{f"{v}/{k}": np.asarray(a) for v, per in per_variant.items() for k, a in per.items()})
+    results["rollouts"] = {"count": int(len(texts)), "prompts": len(problems),
+                           "samples_per_prompt": config.rollout.samples_per_prompt,
+                           "max_new_tokens": config.rollout.max_new_tokens,
+                           "response_tokens": int(arrays["response_mask"].sum())}
+    if "correct" in arrays:
+        results["rollouts"].update(graded=int((arrays["correct"] >= 0).sum()),
+                                   correct=int((arrays["correct"] == 1).sum()),
+                                   incorrect=int((arrays["correct"] == 0).sum()))
+    t = time.perf_counter()
+    diagnosis_report.draw(out_dir, results, per_variant, arrays, tokenizer=student_tok,
+                          examples=config.diagnose.examples)
+    timings["report_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    # the diagnosis' own cost: sentence segmentation and the statistics (margins, scans, P
+    # reorderings, tests); loading, sampling, scoring, grading and drawing are reported apart
+    timings["share_beyond_sampling_and_scoring"] = (timings["segment_s"] + timings["analysis_s"]) / max(
+        timings["total_s"], 1e-9)
+    results["timings"] = timings
+    with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:
+        json.dump(_jsonable(results), f, indent=2)
+    diagnosis_report.write_markdown(out_dir, results, title=_title(config))
+    print(results["verdict"]["text"], flush=True)
+    log.info("report: %s", os.path.join(out_dir, "report.md"))
+    return results
+
+
+def run(config) -> dict:
+    """The job entry (opdjax.jobs)."""
+    return diagnose(config)
+
+
+def _title(config) -> str:
+    def name(section):  # the file of a GGUF, parent/name of a checkpoint directory
+        if section.gguf:
+            return os.path.basename(section.gguf)
+        return "/".join(os.path.normpath(section.path).split(os.sep)[-2:])
+    return f"teachability diagnosis: {name(config.teacher)} -> {name(config.student)}"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
