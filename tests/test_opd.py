@@ -60,7 +60,9 @@ def tiny_config(pair, workdir, **over):
 
 
 def test_opd_few_steps_end_to_end(pair, tmp_path):
-    c = tiny_config(pair, tmp_path, **{"mesh.shape": (2, 2, 2)})  # 8 simulated devices
+    # 8 simulated devices; the permutation calibration runs inside the sharded training loop
+    c = tiny_config(pair, tmp_path, **{"mesh.shape": (2, 2, 2), "release.calibration": "permutation",
+                                       "release.permutations": 39})
     before, _ = hf_io.load_pretrained(pair[1])
     s = opd.run(c)
     assert s["final_step"] == 3 and not s["preempted"]
@@ -70,7 +72,8 @@ def test_opd_few_steps_end_to_end(pair, tmp_path):
         assert np.isfinite(r["loss/total"]) and r["loss/update_finite"] == 1.0
         for k in ("release/release_rate", "release/kept_share", "release/shuffled_release_rate",
                   "teacher/advantage_mean", "timing/sample_s", "timing/score_s", "timing/release_s",
-                  "timing/update_s", "perf/rollout_tokens_per_s"):
+                  "timing/update_s", "perf/rollout_tokens_per_s", "release/bic_release_rate",
+                  "release/bic_chance_rate"):
             assert k in r, k
     assert "eval/greedy_accuracy" in s["eval_before"] and "eval/pass@2" in s["eval_after"]
     changed = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b)))),

@@ -252,52 +252,64 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
 
 
-def variant_finding(v: str, s: dict[str, Any], significance: float) -> dict[str, Any]:
-    """Whether `v` shows collapse on the rollouts summarised in `s` (one group)."""
-    perm, bic = s["permutation"], s["bic"]
-    down = perm["down_p_value"] < significance
-    up = perm["up_p_value"] < significance
+def variant_finding(v: str, s: dict[str, Any], level: float) -> dict[str, Any]:
+    """Whether `v` shows collapse on the rollouts summarised in `s` (one group), at `level`.
+
+    Per calibration: downward change points above chance, and not upward ones too (shifts both
+    ways mean non-stationary scores, not a late collapse). The calibration reported is the
+    permutation one where it finds the collapse (fewer random releases), else plain BIC: on
+    short responses (few sentences) a per-trajectory permutation test has little power, since
+    many reorderings reproduce the same split, while the pooled BIC-vs-chance test still can.
+    """
     th = s["thirds"]
-    falls = th["p_value"] < significance and th["mean_diff"] < 0
-    rises = th["p_value"] < significance and th["mean_diff"] > 0
-    return {"variant": v, "collapse": bool(down and not up), "downward_above_chance": bool(down),
-            "upward_above_chance": bool(up), "falls_late": bool(falls), "rises_late": bool(rises),
-            "rate": perm["down_rate"], "chance": perm["down_chance"], "p": perm["down_p_value"],
-            "bic_rate": bic["down_rate"], "bic_chance": bic["down_chance"], "bic_p": bic["down_p_value"],
-            "release_frac": perm["mean_release_frac"], "before": perm["margin_before"],
-            "after": perm["margin_after"], "first": th["first_mean"], "last": th["last_mean"]}
+    by = {c: {"down": s[c]["down_p_value"] < level, "up": s[c]["up_p_value"] < level} for c in CALIBRATIONS}
+    found = {c: by[c]["down"] and not by[c]["up"] for c in CALIBRATIONS}
+    c = "permutation" if found["permutation"] or not found["bic"] else "bic"
+    b = s[c]
+    return {"variant": v, "collapse": bool(found["bic"] or found["permutation"]), "calibration": c,
+            "collapse_by_calibration": {k: bool(x) for k, x in found.items()},
+            "downward_above_chance": bool(by["bic"]["down"] or by["permutation"]["down"]),
+            "upward_above_chance": bool(by["bic"]["up"] or by["permutation"]["up"]),
+            "falls_late": bool(th["p_value"] < level and th["mean_diff"] < 0),
+            "rises_late": bool(th["p_value"] < level and th["mean_diff"] > 0),
+            "rate": b["down_rate"], "chance": b["down_chance"], "p": b["down_p_value"],
+            "perm_rate": s["permutation"]["down_rate"], "perm_chance": s["permutation"]["down_chance"],
+            "bic_rate": s["bic"]["down_rate"], "bic_chance": s["bic"]["down_chance"],
+            "release_frac": b["mean_release_frac"], "before": b["margin_before"], "after": b["margin_after"],
+            "first": th["first_mean"], "last": th["last_mean"]}
 
 
 def verdict(variant_results: dict[str, dict], significance: float, alpha: float) -> dict[str, Any]:
-    """One paragraph in plain words, and the per-variant findings it rests on (group "all")."""
-    findings = [variant_finding(v, r["all"], significance) for v, r in variant_results.items()]
+    """One paragraph in plain words, and the per-variant findings it rests on (group "all").
+    Each variant is tested under both calibrations, so each test runs at significance / (2 V)
+    (Bonferroni): the verdict's own false-alarm rate stays below `significance`."""
+    level = significance / max(2 * len(variant_results), 1)
+    findings = [variant_finding(v, r["all"], level) for v, r in variant_results.items()]
     n = next(iter(variant_results.values()))["all"]["rollouts"] if variant_results else 0
     hits = [f for f in findings if f["collapse"]]
     both = [f for f in findings if f["downward_above_chance"] and f["upward_above_chance"]]
     lines = []
     if hits:
-        best = min(hits, key=lambda f: f["p"])
+        best = min(hits, key=lambda f: (f["p"], -f["rate"]))
+        cal = ("permutation calibration at alpha=" + f"{alpha}" if best["calibration"] == "permutation"
+               else "plain BIC")
         lines.append(
-            f"Collapse detected above chance with variant {best['variant']}: downward change points in "
+            f"Collapse detected above chance with variant {best['variant']} ({cal}): downward change points in "
             f"{best['rate']:.0%} of {n} rollouts against {best['chance']:.0%} on shuffled sentence orders "
-            f"(permutation calibration at alpha={alpha}, one-sided p={_fmt_p(best['p'])}); released at "
-            f"r/T={best['release_frac']:.2f} on average, margin {best['before']:.3g} before vs "
-            f"{best['after']:.3g} after the release.")
+            f"(one-sided p={_fmt_p(best['p'])}); released at r/T={best['release_frac']:.2f} on average, margin "
+            f"{best['before']:.3g} before vs {best['after']:.3g} after the release.")
         others = [f["variant"] for f in hits if f is not best]
         if others:
             lines.append(f"Also above chance: {', '.join(others)}.")
-        lines.append("The release rule has something to find with this pair and these prompts; "
-                     f"train with release.margin={best['variant']}.")
+        lines.append("The release rule has something to find with this pair and these prompts; train with "
+                     f"release.margin={best['variant']}, release.calibration={best['calibration']}.")
     else:
-        rates = [f["rate"] for f in findings]
-        chances = [f["chance"] for f in findings]
-        bic_rates = [f["bic_rate"] for f in findings]
-        bic_chances = [f["bic_chance"] for f in findings]
         lines.append(
             f"Not detected: with no margin variant do downward change points fire above chance on these {n} "
-            f"rollouts (permutation-calibrated at alpha={alpha}: {_span(rates)} against {_span(chances)} on "
-            f"shuffled sentence orders; plain BIC {_span(bic_rates)} against {_span(bic_chances)}). The release rule "
-            "would mostly truncate at random.")
+            f"rollouts (plain BIC {_span([f['bic_rate'] for f in findings])} against "
+            f"{_span([f['bic_chance'] for f in findings])} on shuffled sentence orders; permutation-calibrated at "
+            f"alpha={alpha}: {_span([f['perm_rate'] for f in findings])} against "
+            f"{_span([f['perm_chance'] for f in findings])}). The release rule would mostly truncate at random.")
     if both:
         lines.append("Shifts in both directions are above chance for "
                      f"{', '.join(f['variant'] for f in both)}: the sentence scores are non-stationary, "
@@ -306,8 +318,10 @@ def verdict(variant_results: dict[str, dict], significance: float, alpha: float)
     falling = [f["variant"] for f in findings if f["falls_late"]]
     if rising:
         lines.append(f"Margins rise from the first to the last third for {', '.join(rising)} "
-                     f"(paired sign-flip test, p<{significance}).")
+                     f"(paired sign-flip test, p<{level:.2g}).")
     if falling:
         lines.append(f"Margins fall from the first to the last third for {', '.join(falling)} "
-                     f"(paired sign-flip test, p<{significance}).")
-    return {"text": " ".join(lines), "collapse": bool(hits), "findings": findings}
+                     f"(paired sign-flip test, p<{level:.2g}).")
+    lines.append(f"(Each test at {significance}/{2 * len(variant_results)} = {level:.2g}: "
+                 f"{len(variant_results)} variants x 2 calibrations.)")
+    return {"text": " ".join(lines), "collapse": bool(hits), "level": level, "findings": findings}

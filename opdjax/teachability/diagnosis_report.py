@@ -126,7 +126,7 @@ def draw(out_dir, results: dict[str, Any], per_variant, arrays, *, tokenizer, ex
     examples' text is decoded from the token ids, so it matches the tokens exactly."""
     out_dir = Path(out_dir)
     variants = results["variants"]
-    sig = results["settings"]["significance"]
+    sig = results["verdict"]["level"]  # the verdict's per-test level (Bonferroni)
     pics = {"margin_by_position": plot_margin_by_position(out_dir / "margin_by_position.png", variants),
             "detection_vs_chance": plot_detection_vs_chance(out_dir / "detection_vs_chance.png", variants, sig),
             "delta_bic": plot_delta_bic(out_dir / "delta_bic.png", per_variant)}
@@ -162,7 +162,8 @@ def markdown(results: dict[str, Any], title: str = "teachability diagnosis") -> 
                      if ro.get("graded") else "; the prompts carry no answers, so there is no correct/incorrect split.")]
     lines += [f"Settings: BIC penalty λ={st['penalty']}, min_segment={st['min_segment']}, variance={st['variance']}, "
               f"sentence score={st['sentence_reduce']}, top-K={st['top_k']}, permutation calibration α={st['alpha']} "
-              f"with P={st['permutations']} reorderings per rollout, tests at {st['significance']}.", "",
+              f"with P={st['permutations']} reorderings per rollout; the verdict's tests at {st['significance']} "
+              f"overall, {_p(results['verdict']['level'])} each (Bonferroni over variants × calibrations).", "",
               "Chance = the share of rollouts the same test flags once each rollout's sentence scores are "
               "put in a random order (mean over the P reorderings); p = one-sided exact Poisson-binomial "
               "tail of the observed count under those per-rollout chances.", ""]
