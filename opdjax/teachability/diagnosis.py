@@ -109,13 +109,19 @@ def per_rollout_statistics(s: ReleaseSettings, width: int, margin, defined, adva
     return out
 
 
-def analyze_variant(arrays: dict[str, np.ndarray], settings: ReleaseSettings, variant: str,
-                    key) -> dict[str, np.ndarray]:
-    """Margins of `variant` from the per-token arrays, then `per_rollout_statistics` (host numpy)."""
+def all_variant_margins(arrays: dict[str, np.ndarray]) -> margins.AllMargins:
+    """A_t and every margin variant from the per-token arrays (one jitted pass)."""
+    return margins.all_margins(arrays["teacher_sampled_logp"], arrays["student_sampled_logp"],
+                               arrays["teacher_cand_logp"], arrays["student_cand_logp"], arrays["candidate_ids"],
+                               arrays["response_ids"], np.asarray(arrays["response_mask"], bool))
+
+
+def analyze_variant(arrays: dict[str, np.ndarray], settings: ReleaseSettings, variant: str, key,
+                    all_m: margins.AllMargins | None = None) -> dict[str, np.ndarray]:
+    """`per_rollout_statistics` of `variant` (host numpy), plus its token margins (NaN where
+    undefined) and A_t. `all_m`: `all_variant_margins(arrays)` if already computed."""
     mask = np.asarray(arrays["response_mask"], bool)
-    m = margins.all_margins(arrays["teacher_sampled_logp"], arrays["student_sampled_logp"],
-                            arrays["teacher_cand_logp"], arrays["student_cand_logp"], arrays["candidate_ids"],
-                            arrays["response_ids"], mask)
+    m = all_m if all_m is not None else all_variant_margins(arrays)
     sent_ids = np.asarray(arrays["sent_ids"])
     num_sentences = int(sent_ids.max(initial=-1)) + 1
     if num_sentences > settings.max_sentences:
@@ -233,8 +239,10 @@ def diagnose(arrays: dict[str, np.ndarray], settings: ReleaseSettings,
     per_variant = {}
     for v in diag.variants:
         margins.check_margin_variant(v)
+    all_m = all_variant_margins(arrays)
+    for v in diag.variants:
         # One key for all variants: their reorderings are the same permutations of positions.
-        per = analyze_variant(arrays, settings, v, key)
+        per = analyze_variant(arrays, settings, v, key, all_m)
         per_variant[v] = per
         results["variants"][v] = {g: summarize(per, rows, seed=diag.seed) for g, rows in grp.items()
                                   if g == "all" or rows.any()}
