@@ -261,8 +261,16 @@ def check_permutation_config(*, alpha, num_permutations) -> None:
 @functools.partial(jax.jit, static_argnames=("num_permutations",))
 def permutation_orders(key, valid, num_permutations: int):
     """[B, P, J_max] int32: P uniform random orders of each row's valid sentences, which come
-    first (holes closed up); the invalid positions follow, so the reordered rows are prefix-valid."""
-    noise = jax.random.uniform(key, (valid.shape[0], num_permutations, valid.shape[1]))
+    first (holes closed up); the invalid positions follow, so the reordered rows are prefix-valid.
+
+    The noise comes from XLA's RngBitGenerator ("rbg"), keyed by the given key's bits: on a CPU
+    its program compiles in ~0.1 s where threefry's takes ~0.8 s, which is most of a
+    diagnosis' own cost on small pairs. Deterministic for a key on one backend; the streams of
+    different backends may differ (fine for reorderings)."""
+    data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    rbg = jax.random.wrap_key_data(jnp.resize(data, (4,)) ^ jnp.array([0, 0, 0x9E3779B9, 0x85EBCA6B], jnp.uint32),
+                                   impl="rbg")
+    noise = jax.random.uniform(rbg, (valid.shape[0], num_permutations, valid.shape[1]))
     return jnp.argsort(jnp.where(valid[:, None, :], noise, 2.0), axis=2).astype(jnp.int32)
 
 
@@ -283,13 +291,26 @@ def _p_values(null, observed, num_permutations):
     return (1 + num_permutations - below).astype(jnp.float32) / (num_permutations + 1)
 
 
+VECTORISED_ELEMENTS = 1 << 22  # B * P * J_max up to which all reorderings are scanned at once
+
+
+def _permutations_per_step(batch: int, num_permutations: int, width: int, chunk: int) -> int:
+    """All P at once when the [B, P, J_max] arrays are small (fast to compile and run); else the
+    largest divisor of P up to `chunk`, so lax.map has no remainder step to compile apart."""
+    if batch * num_permutations * width <= VECTORISED_ELEMENTS:
+        return num_permutations
+    return max(d for d in range(1, min(chunk, num_permutations) + 1) if num_permutations % d == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("alpha", "penalty", "min_segment", "variance", "eps",
                                              "chunk"))
 def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 1.0, min_segment: int = 2,
-                     variance: str = "shared", eps: float = 1e-8, chunk: int = 32) -> PermutationTest:
+                     variance: str = "shared", eps: float = 1e-8, chunk: int = 32,
+                     observed: ChangePoint | None = None) -> PermutationTest:
     """Calibrate every row's downward (and upward) delta BIC against its P reorderings `orders`
-    ([B, P, J_max], from `permutation_orders`). The reorderings are scanned `chunk` at a time
-    (lax.map), so memory is O(B * chunk * J_max) whatever P is.
+    ([B, P, J_max], from `permutation_orders`). Small batches scan every reordering at once; above
+    VECTORISED_ELEMENTS the reorderings are scanned at most `chunk` at a time (lax.map), so memory
+    is O(B * chunk * J_max) whatever P is.
 
     The chance columns are the rates one would see on trajectories with no structure at all:
     `chance_bic` is the plain BIC test's firing rate on the reorderings, `chance_permutation`
@@ -300,14 +321,18 @@ def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 
     num_permutations = orders.shape[1]
     check_permutation_config(alpha=alpha, num_permutations=num_permutations)
     scan = functools.partial(bic_scan, penalty=penalty, min_segment=min_segment, variance=variance, eps=eps)
-    observed = scan(M, valid)
+    observed = scan(M, valid) if observed is None else observed  # the caller's bic_scan of (M, valid)
 
     def one(order):  # order [B, J_max] -> the scan of the reordered rows
         cp = scan(jnp.take_along_axis(M, order, axis=1), jnp.take_along_axis(valid, order, axis=1))
         return cp.delta_bic, cp.upward_delta_bic, cp.detected, cp.upward_detected
 
-    down, up, fired, fired_up = jax.lax.map(one, jnp.moveaxis(orders, 1, 0), batch_size=chunk)
-    down, up, fired, fired_up = (jnp.moveaxis(a, 0, 1) for a in (down, up, fired, fired_up))  # [B, P]
+    step = _permutations_per_step(M.shape[0], num_permutations, M.shape[1], chunk)
+    if step == num_permutations:  # small: every reordering in one vectorised scan
+        down, up, fired, fired_up = jax.vmap(one, in_axes=1, out_axes=1)(orders)
+    else:
+        down, up, fired, fired_up = jax.lax.map(one, jnp.moveaxis(orders, 1, 0), batch_size=step)
+        down, up, fired, fired_up = (jnp.moveaxis(a, 0, 1) for a in (down, up, fired, fired_up))  # [B, P]
     enough = observed.num_sentences >= 2 * min_segment
 
     def calibrate(null, obs_stat):

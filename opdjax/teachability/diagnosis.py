@@ -83,7 +83,7 @@ def per_rollout_statistics(s: ReleaseSettings, width: int, margin, defined, adva
     cp = changepoint.bic_scan(M, valid, penalty=s.bic_penalty, min_segment=s.min_segment, variance=s.variance)
     orders = changepoint.permutation_orders(key, valid, s.permutations)
     pt = changepoint.permutation_test(M, valid, orders, alpha=s.alpha, penalty=s.bic_penalty,
-                                      min_segment=s.min_segment, variance=s.variance)
+                                      min_segment=s.min_segment, variance=s.variance, observed=cp)
     T = release.response_lengths(mask)
     t = jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
     g0 = jnp.where(defined, margin, 0.0).astype(jnp.float32)
@@ -322,6 +322,10 @@ def verdict(variant_results: dict[str, dict], significance: float, alpha: float)
         lines.append("Shifts in both directions are above chance for "
                      f"{', '.join(f['variant'] for f in both)}: the sentence scores are non-stationary, "
                      "which is not a specific late collapse.")
+    up_only = [f["variant"] for f in findings if f["upward_above_chance"] and not f["downward_above_chance"]]
+    if up_only:
+        lines.append(f"Upward change points are above chance for {', '.join(up_only)}: there the margin "
+                     "steps up later in the rollouts, the opposite of a collapse.")
     rising = [f["variant"] for f in findings if f["rises_late"]]
     falling = [f["variant"] for f in findings if f["falls_late"]]
     if rising:

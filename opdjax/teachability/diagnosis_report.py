@@ -160,6 +160,9 @@ def markdown(results: dict[str, Any], title: str = "teachability diagnosis") -> 
                   f"at most {ro['max_new_tokens']} new tokens, {ro['response_tokens']} response tokens)"
                   + (f"; graded against the prompts' answers: {ro['correct']} correct, {ro['incorrect']} incorrect."
                      if ro.get("graded") else "; the prompts carry no answers, so there is no correct/incorrect split.")]
+        if ro.get("reused_from"):
+            lines += ["", f"The rollouts and teacher scores were reused from `{ro['reused_from']}` (no sampling, "
+                      "no scoring in this run); the statistics are this run's."]
     lines += [f"Settings: BIC penalty λ={st['penalty']}, min_segment={st['min_segment']}, variance={st['variance']}, "
               f"sentence score={st['sentence_reduce']}, top-K={st['top_k']}, permutation calibration α={st['alpha']} "
               f"with P={st['permutations']} reorderings per rollout; the verdict's tests at {st['significance']} "
@@ -210,7 +213,7 @@ def markdown(results: dict[str, Any], title: str = "teachability diagnosis") -> 
                 lines.append(f"| {k[:-2]} | {tm[k]:.1f} | {_pct(tm[k] / total)} |")
         other = total - sum(tm.get(k, 0.0) for k in phases)
         own = tm["segment_s"] + tm["analysis_s"]
-        core = own + tm["sample_s"] + tm["score_s"]
+        core = max(own + tm["sample_s"] + tm["score_s"], 1e-9)
         lines += [f"| other (config checks, tokenizers, writing) | {other:.1f} | {_pct(other / total)} |",
                   f"| total | {total:.1f} | |", "",
                   f"The diagnosis' own cost beyond sampling and scoring (sentence segments, then margins, scans, "

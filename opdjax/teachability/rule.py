@@ -3,7 +3,8 @@
     teacher scores + the sampler's student log-probs   (device)
       -> margins.margin              A_t, g_t                          (jitted)
       -> segments.segment_batch      token -> sentence ids             (host, NLTK Punkt)
-      -> decide (one jitted call)    sentence scores, BIC scan, release index, weights, stats
+      -> decide (one jitted call)    sentence scores, BIC scan (+ the permutation calibration when
+                                     release.calibration = "permutation"), release index, weights, stats
 The result's `weights` [B, R] is the one array the loss consumes, whatever `release.mode` is:
 `bic` (the rule), or the baselines `full` (plain OPD), `prefix_fraction`, `random_matched`
 (random release points keeping the same share of tokens as the rule on this very batch).
@@ -157,7 +158,7 @@ def detect(s: ReleaseSettings, M, valid, key):
         return cp, _shuffled_release_rate(key, M, valid, s), {}
     orders = changepoint.permutation_orders(key, valid, s.permutations)
     pt = changepoint.permutation_test(M, valid, orders, alpha=s.alpha, penalty=s.bic_penalty,
-                                      min_segment=s.min_segment, variance=s.variance)
+                                      min_segment=s.min_segment, variance=s.variance, observed=cp)
     extra = {"bic_release_rate": jnp.mean(cp.detected.astype(jnp.float32)),  # what plain BIC would do
              "bic_chance_rate": jnp.mean(pt.chance_bic)}
     cp = cp._replace(detected=pt.detected, upward_detected=pt.upward_detected)

@@ -140,4 +140,8 @@ def opd_config() -> ml_collections.ConfigDict:
     c.diagnose.significance = 0.01  # level of the verdict's tests
     c.diagnose.examples = 3  # trajectories drawn per variant in the report
     c.diagnose.directory = ""  # "" = workdir/diagnosis
+    # a saved arrays.npz (from an earlier diagnosis): redo the statistics with this config's
+    # release settings (penalty, variance, min_segment, alpha, permutations...) in seconds,
+    # without sampling or scoring again. Its rollouts were made by the models it was made with.
+    c.diagnose.arrays = ""
     return c

@@ -119,6 +119,25 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
     return arrays, parts["texts"], problems, timings
 
 
+def load_arrays(path, tokenizer):
+    """The per-token arrays of an earlier diagnosis (`diagnose.arrays`), checked by field."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.diagnose.arrays={path!r} does not exist; give the arrays.npz an earlier "
+                          "diagnosis wrote (workdir/diagnosis/arrays.npz).")
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    try:
+        diagnosis.check_arrays(arrays)
+    except ValueError as e:
+        raise ConfigError(f"config.diagnose.arrays={path!r}: {e}") from e
+    ids, mask = arrays["response_ids"], arrays["response_mask"].astype(bool)
+    texts = [tokenizer.decode(ids[b][mask[b]], skip_special_tokens=True) for b in range(len(ids))]
+    n_prompts = len(np.unique(arrays["prompt_index"])) if "prompt_index" in arrays else len(ids)
+    timings = {"load_s": 0.0, "sample_s": 0.0, "score_s": 0.0, "segment_s": 0.0, "grade_s": 0.0}
+    log.info("reusing %d rollouts from %s (no sampling, no scoring)", len(ids), path)
+    return arrays, texts, n_prompts, timings
+
+
 def diagnose(config) -> dict:
     """Run the diagnosis described by `config`; returns the results (also in diagnosis.json)."""
     t_start = time.perf_counter()
@@ -132,7 +151,11 @@ def diagnose(config) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
 
-    arrays, texts, problems, timings = collect(config, checked, student_tok, template, plan)
+    if config.diagnose.arrays:
+        arrays, texts, num_prompts, timings = load_arrays(config.diagnose.arrays, student_tok)
+    else:
+        arrays, texts, problems, timings = collect(config, checked, student_tok, template, plan)
+        num_prompts = len(problems)
     np.savez_compressed(os.path.join(out_dir, "arrays.npz"), **arrays)
     log.info("%d rollouts, %d response tokens; sampling %.1f s, scoring %.1f s", len(texts),
              int(arrays["response_mask"].sum()), timings["sample_s"], timings["score_s"])
@@ -144,10 +167,12 @@ def diagnose(config) -> dict:
     timings["analysis_s"] = time.perf_counter() - t
     np.savez_compressed(os.path.join(out_dir, "per_rollout.npz"),
                         **{f"{v}/{k}": np.asarray(a) for v, per in per_variant.items() for k, a in per.items()})
-    results["rollouts"] = {"count": int(len(texts)), "prompts": len(problems),
-                           "samples_per_prompt": config.rollout.samples_per_prompt,
-                           "max_new_tokens": config.rollout.max_new_tokens,
+    results["rollouts"] = {"count": int(len(texts)), "prompts": num_prompts,
+                           "samples_per_prompt": len(texts) // max(num_prompts, 1),
+                           "max_new_tokens": int(arrays["response_mask"].shape[1]),
                            "response_tokens": int(arrays["response_mask"].sum())}
+    if config.diagnose.arrays:
+        results["rollouts"]["reused_from"] = config.diagnose.arrays
     if "correct" in arrays:
         results["rollouts"].update(graded=int((arrays["correct"] >= 0).sum()),
                                    correct=int((arrays["correct"] == 1).sum()),
