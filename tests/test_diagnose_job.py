@@ -131,24 +131,45 @@ def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
             assert got["thirds"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (variant, k)
     assert results["timings"]["sample_s"] > 0 and "| analysis |" in report
 
+    # diagnose.arrays: the same statistics from the saved rollouts, with no model run
+    c = _toy_config()
+    c.workdir, c.seed = str(tmp_path / "again"), SEED
+    c.release.permutations, c.release.alpha = P, ALPHA
+    c.diagnose.arrays, c.diagnose.examples = str(d / "arrays.npz"), 0
+    again = diagnose_job.diagnose(c)
+    assert again["rollouts"]["reused_from"] == str(d / "arrays.npz") and again["timings"]["sample_s"] == 0
+    assert json.loads(json.dumps(again["variants"]).replace("NaN", "null")) == results["variants"]
+    assert "reused from" in (tmp_path / "again" / "diagnosis" / "report.md").read_text()
 
-def test_config_errors_name_the_field_before_loading_models(tmp_path):
+
+def _toy_config():
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     try:
         import diagnose_toy_pair
     finally:
         sys.path.pop(0)
     c = diagnose_toy_pair.get_config()
+    c.metrics.progress = False
+    return c
+
+
+def test_config_errors_name_the_field_before_loading_models(tmp_path):
+    c = _toy_config()
     c.workdir = str(tmp_path)
     c.diagnose.variants = ("advantage_gap", "margin_of_error")
     with pytest.raises(ConfigError, match="config.diagnose.variants contains 'margin_of_error'"):
         diagnose_job.diagnose(c)
-    c = diagnose_toy_pair.get_config()
+    c = _toy_config()
     c.workdir = str(tmp_path)
     c.diagnose.num_prompts = 17
     with pytest.raises(ConfigError, match="config.diagnose.num_prompts=17 but the prompt set has only 16"):
         diagnose_job.diagnose(c)
-    c = diagnose_toy_pair.get_config()
+    c = _toy_config()
     c.release.calibration = "permutations"
     with pytest.raises(ConfigError, match="release.calibration='permutations'"):
+        diagnose_job.diagnose(c)
+    c = _toy_config()
+    c.workdir = str(tmp_path)
+    c.diagnose.arrays = str(tmp_path / "nowhere.npz")
+    with pytest.raises(ConfigError, match="config.diagnose.arrays=.*nowhere.npz' does not exist"):
         diagnose_job.diagnose(c)

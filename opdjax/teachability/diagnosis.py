@@ -163,8 +163,16 @@ def sign_flip_test(diffs, *, num_flips: int = 20000, seed: int = 0) -> float:
     if n <= 16:
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
         return float(np.mean(np.abs(signs @ d / n) >= observed - tol))
-    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(num_flips, n))
+    signs = _random_signs(num_flips, n, seed)
     return float((1 + np.sum(np.abs(signs @ d / n) >= observed - tol)) / (1 + num_flips))
+
+
+@functools.lru_cache(maxsize=16)
+def _random_signs(num_flips: int, n: int, seed: int) -> np.ndarray:
+    """The sign patterns of `sign_flip_test` (cached: every variant and group of n pairs reuses them)."""
+    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(num_flips, n))
+    signs.setflags(write=False)
+    return signs
 
 
 def _ratio(num, den) -> float:
