@@ -131,6 +131,11 @@ def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
             assert got["thirds"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (variant, k)
     assert results["timings"]["sample_s"] > 0 and "| analysis |" in report
 
+    # the Markdown re-rendered from diagnosis.json alone is the same report
+    title = report.splitlines()[0][2:]
+    assert diagnosis_report.main([str(d), "--title", title]) == 0
+    assert (d / "report.md").read_text() == report
+
     # diagnose.arrays: the same statistics from the saved rollouts, with no model run
     c = _toy_config()
     c.workdir, c.seed = str(tmp_path / "again"), SEED

@@ -163,6 +163,7 @@ def markdown(results: dict[str, Any], title: str = "teachability diagnosis") -> 
         if ro.get("reused_from"):
             lines += ["", f"The rollouts and teacher scores were reused from `{ro['reused_from']}` (no sampling, "
                       "no scoring in this run); the statistics are this run's."]
+        lines.append("")
     lines += [f"Settings: BIC penalty λ={st['penalty']}, min_segment={st['min_segment']}, variance={st['variance']}, "
               f"sentence score={st['sentence_reduce']}, top-K={st['top_k']}, permutation calibration α={st['alpha']} "
               f"with P={st['permutations']} reorderings per rollout; the verdict's tests at {st['significance']} "
