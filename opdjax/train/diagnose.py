@@ -26,10 +26,9 @@ import jax
 import numpy as np
 
 from opdjax import sharding
-from opdjax.data import prompts as prompt_data
 from opdjax.teachability import diagnosis, diagnosis_report, margins
 from opdjax.train import metrics as metrics_lib
-from opdjax.train.opd import load_params, problems_for, rollout_and_score, sampling_settings
+from opdjax.train.opd import encode_problems, load_params, problems_for, rollout_and_score, sampling_settings
 from opdjax.train.validate import ConfigError, load_tokenizer_for, validate_config
 
 log = logging.getLogger(__name__)
@@ -62,9 +61,7 @@ def _encode(config, tokenizer, template):
         raise ConfigError(f"config.diagnose.num_prompts={n} but the prompt set has only {len(train)} prompts "
                           "(lower it, or 0 for all of them).")
     problems = train[:n]
-    kw = dict(system_prompt=config.data.system_prompt, enable_thinking=config.data.enable_thinking,
-              max_prompt_tokens=config.data.max_prompt_tokens, chat_template=template)
-    return problems, prompt_data.encode_prompts(tokenizer, problems, **kw)
+    return problems, encode_problems(config, tokenizer, template, problems)
 
 
 def collect(config, checked, student_tok, template, plan, *, progress: bool = True):

@@ -83,16 +83,21 @@ def problems_for(config):
     return train, ev
 
 
+def encode_problems(config, tokenizer, template: str | None, problems) -> list:
+    """Prompt ids of `problems` as the data section renders them (chat template, system prompt)."""
+    return prompt_data.encode_prompts(tokenizer, problems, system_prompt=config.data.system_prompt,
+                                      enable_thinking=config.data.enable_thinking,
+                                      max_prompt_tokens=config.data.max_prompt_tokens, chat_template=template)
+
+
 def encode_data(config, tokenizer, template: str | None) -> Data:
     train, ev = problems_for(config)
     if len(train) < config.batch.prompts_per_step:
         raise ValueError(f"config.batch.prompts_per_step={config.batch.prompts_per_step} exceeds the "
                          f"{len(train)} training prompts.")
-    kw = dict(system_prompt=config.data.system_prompt, enable_thinking=config.data.enable_thinking,
-              max_prompt_tokens=config.data.max_prompt_tokens, chat_template=template)
-    tr = prompt_data.encode_prompts(tokenizer, train, **kw)
+    tr = encode_problems(config, tokenizer, template, train)
     ev = ev[:config.eval.num_problems]
-    evp = prompt_data.encode_prompts(tokenizer, ev, **kw)
+    evp = encode_problems(config, tokenizer, template, ev)
     P = max(map(len, tr + evp))
     return Data(tr, [p.answer for p in train], evp, [p.answer for p in ev], P)
 
