@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdjax.teachability import changepoint, margins, release
-from opdjax.teachability.rule import ReleaseSettings, scan_width
+from opdjax.teachability.rule import ReleaseSettings, checked_scan_width
 
 CALIBRATIONS = ("bic", "permutation")
 N_THIRDS = 3
@@ -123,11 +123,8 @@ def analyze_variant(arrays: dict[str, np.ndarray], settings: ReleaseSettings, va
     mask = np.asarray(arrays["response_mask"], bool)
     m = all_m if all_m is not None else all_variant_margins(arrays)
     sent_ids = np.asarray(arrays["sent_ids"])
-    num_sentences = int(sent_ids.max(initial=-1)) + 1
-    if num_sentences > settings.max_sentences:
-        raise ValueError(f"a response has {num_sentences} sentences but release.max_sentences="
-                         f"{settings.max_sentences}; raise it (responses are never cut).")
-    out = per_rollout_statistics(settings, scan_width(num_sentences, settings), m.margin[variant],
+    width = checked_scan_width(int(sent_ids.max(initial=-1)) + 1, settings)
+    out = per_rollout_statistics(settings, width, m.margin[variant],
                                  m.margin_defined[variant], m.advantage, jnp.asarray(sent_ids), mask, key)
     out = jax.device_get(out)
     out["margin"] = np.where(np.asarray(m.margin_defined[variant]) & mask, np.asarray(m.margin[variant]), np.nan)

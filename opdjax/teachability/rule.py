@@ -129,13 +129,10 @@ def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, respon
                        student_cand_logp, candidate_ids, response_ids, response_mask)
     segs = segments if segments is not None else segment_batch(
         tokenizer, np.asarray(response_ids), np.asarray(response_mask), split_blank_lines=settings.split_blank_lines)
-    too_long = int(segs.num_sentences.max(initial=0))
-    if too_long > settings.max_sentences:
-        raise ValueError(f"a response has {too_long} sentences but release.max_sentences="
-                         f"{settings.max_sentences}; raise it (responses are never cut).")
+    width = checked_scan_width(int(segs.num_sentences.max(initial=0)), settings)
     if key is None:
         key = jax.random.key(0)
-    return ReleaseDecision(*_decide(settings, scan_width(too_long, settings), m.margin, m.margin_defined, m.advantage,
+    return ReleaseDecision(*_decide(settings, width, m.margin, m.margin_defined, m.advantage,
                                     jnp.asarray(segs.sent_ids), jnp.asarray(response_mask, bool), key),
                            segs)
 
@@ -146,6 +143,14 @@ def scan_width(num_sentences: int, settings: ReleaseSettings) -> int:
     the permutation calibration O(P * width), so a batch of 12-sentence answers should not pay
     for 512 columns; powers of two bound the number of compiled shapes to log2(max_sentences)."""
     return min(settings.max_sentences, max(8, 1 << max(int(num_sentences) - 1, 0).bit_length()))
+
+
+def checked_scan_width(num_sentences: int, settings: ReleaseSettings) -> int:
+    """`scan_width`, after refusing a batch whose longest response exceeds release.max_sentences."""
+    if num_sentences > settings.max_sentences:
+        raise ValueError(f"a response has {num_sentences} sentences but release.max_sentences="
+                         f"{settings.max_sentences}; raise it (responses are never cut).")
+    return scan_width(num_sentences, settings)
 
 
 def detect(s: ReleaseSettings, M, valid, key):
