@@ -21,12 +21,13 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
-    from opdjax import jobs, sharding
+    from opdjax import jobs, multihost, sharding
 
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config configs/<name>.py is required")
     sharding.maybe_initialize_distributed()  # before any other JAX call
+    multihost.agree_on_config(config)  # a pod: every worker must have been given the same config
     jobs.get_job(config.job)(config)
 
 

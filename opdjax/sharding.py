@@ -13,10 +13,9 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -107,12 +106,49 @@ def maybe_initialize_distributed() -> bool:
         if missing:
             raise ShardingError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all "
                                 "three on every process (or unset it on a single host).")
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                                   int(env["JAX_PROCESS_ID"]))
+        address = env["JAX_COORDINATOR_ADDRESS"]
+        try:
+            count, index = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except ValueError:
+            raise ShardingError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                                f"{env['JAX_PROCESS_ID']!r} must be integers.") from None
+        if not 0 <= index < count:
+            raise ShardingError(f"JAX_PROCESS_ID={index} must lie in [0, JAX_NUM_PROCESSES={count}).")
+        kwargs = {}
+        if _is_loopback(address):
+            # Every process on this machine (tests, a local multi-process run): keep the coordinator
+            # and the CPU collectives on loopback, whatever the host name resolves to.
+            kwargs["coordinator_bind_address"] = address
+            _gloo_on_loopback()
+        jax.distributed.initialize(address, count, index, **kwargs)
     else:
         jax.distributed.initialize()
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _gloo_on_loopback() -> None:
+    """Make the CPU backend's gloo collectives listen on 127.0.0.1 (jax builds them with no host
+    name, and gloo then binds to the address of gethostname(), which may not resolve)."""
+    try:
+        from jax._src.lib import _jax
+        make = _jax.make_gloo_tcp_collectives
+    except (ImportError, AttributeError):  # private API moved: keep jax's default
+        return
+    if getattr(make, "_opdjax_loopback", False):
+        return
+
+    def on_loopback(distributed_client, **_):
+        return make(distributed_client=distributed_client, hostname="127.0.0.1")
+
+    on_loopback._opdjax_loopback = True
+    _jax.make_gloo_tcp_collectives = on_loopback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +233,3 @@ def _log_once(msg: str) -> None:
     if msg not in _logged:
         _logged.add(msg)
         log.info("sharding: %s", msg)
-
-
-def put_global_batch(plan: ShardingPlan | None, host_array: np.ndarray, names: Iterable[str | None]) -> jax.Array:
-    """Place a batch that every process holds in full (small test batches, tokens) on the mesh."""
-    if plan is None:
-        return jax.device_put(host_array)
-    sharding = plan.sharding(tuple(names), host_array.shape)
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])

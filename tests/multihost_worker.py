@@ -44,7 +44,7 @@ def main(process_id: int, port: int, workdir: str) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from opdjax import sharding
+    from opdjax import multihost, sharding
     from opdjax.models import hf_io
 
     assert jax.process_count() == 2 and jax.process_index() == process_id
@@ -88,7 +88,7 @@ def check_layout(plan, workdir, ref, what):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from opdjax import sharding
+    from opdjax import multihost, sharding
     from opdjax.models import hf_io, qwen
 
     # --- load straight into the shardings; every addressable shard is its checkpoint slice
@@ -116,8 +116,8 @@ def check_layout(plan, workdir, ref, what):
     assert split >= len(leaves) // 2, f"only {split} of {len(leaves)} params are split"
 
     # --- sharded forward on a batch every process holds in full; gather; compare
-    tokens = sharding.put_global_batch(plan, ref["tokens"], ("batch", "length"))
-    mask = sharding.put_global_batch(plan, ref["mask"], ("batch", "length"))
+    tokens = multihost.to_global(plan, ref["tokens"], ("batch", "length"))
+    mask = multihost.to_global(plan, ref["mask"], ("batch", "length"))
     assert not tokens.is_fully_addressable and len(tokens.addressable_shards) == 4
     logits = qwen.jit_forward(cfg, plan)(params, tokens, mask)
     assert logits.shape == ref["hf_logits"].shape and not logits.is_fully_addressable

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_oracle import VOCAB, make_hf_model
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.models import hf_io, qwen
 from opdjax.models.config import ModelConfig
 from opdjax.teachability import scoring
@@ -143,9 +143,9 @@ def test_sharded_equals_unsharded(params, shape):
     plan = sharding.ShardingPlan(sharding.make_mesh(shape))
     sharded = jax.device_put(params, qwen.param_shardings(CFG, plan))
     out = scoring.teacher_logprobs(
-        sharded, sharding.put_global_batch(plan, tokens, ("batch", "length")),
-        sharding.put_global_batch(plan, mask, ("batch", "length")),
-        sharding.put_global_batch(plan, cand, ("batch", "length", None)),
+        sharded, multihost.to_global(plan, tokens, ("batch", "length")),
+        multihost.to_global(plan, mask, ("batch", "length")),
+        multihost.to_global(plan, cand, ("batch", "length", None)),
         cfg=CFG, prompt_len=P, chunk_tokens=16, plan=plan)
     s = np.asarray(out.sampled_logp)  # block before the next sharded call (see conftest)
     c = np.asarray(out.candidate_logp)

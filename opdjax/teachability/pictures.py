@@ -265,13 +265,16 @@ def write_release_report(out_dir: str | Path, step: int, *, response_mask, sent_
                          release_index, weights, token_ids=None, tokenizer=None,
                          token_texts: Sequence[Sequence[str]] | None = None,
                          margin_name: str = "advantage_gap", max_trajectories: int = 4,
-                         indices: Sequence[int] | None = None, folder_name: str | None = None) -> list[Path]:
+                         indices: Sequence[int] | None = None, folder_name: str | None = None,
+                         labels: Sequence[int] | None = None) -> list[Path]:
     """PNG + HTML + Markdown for a few trajectories of one batch, under out_dir/release_step{step}.
 
     Arrays are the batch's [B, R] / [B, J] / [B] arrays (jax or numpy). The text comes from
     `token_texts` (per row, per real token) or from `token_ids` [B, R] with `tokenizer` (an HF
     tokenizer or any `decode(ids) -> str` callable). Rows: `indices`, else `pick_trajectories`.
-    `folder_name` replaces the release_step<step> folder. Returns the written paths.
+    `folder_name` replaces the release_step<step> folder. `labels`: the trajectory number shown
+    for each row (its row in the global batch when these are one process's rows; default: the
+    row). Returns the written paths.
     """
     mask = np.asarray(response_mask, bool)
     arr = {k: np.asarray(v) for k, v in dict(sent_ids=sent_ids, margins=margins, scores=sentence_scores,
@@ -294,14 +297,15 @@ def write_release_report(out_dir: str | Path, step: int, *, response_mask, sent_
         texts = (list(token_texts[b])[:T] if token_texts is not None
                  else decode_token_texts(decode, np.asarray(token_ids)[b, :T]))
         r = int(arr["r"][b])
-        numbers = {"step": int(step), "trajectory": int(b), "margin": margin_name,
+        label = int(labels[b]) if labels is not None else int(b)
+        numbers = {"step": int(step), "trajectory": label, "margin": margin_name,
                    "detected": bool(arr["detected"][b]), "ΔBIC": float(arr["dbic"][b]),
                    "split τ* (sentences left)": int(arr["split"][b]),
                    "mean left μ1": float(arr["mu1"][b]), "mean right μ2": float(arr["mu2"][b]),
                    "release r": r, "T": T, "r/T": r / T if T else float("nan"),
                    "Σw (kept weight)": float(arr["w"][b, :T].sum())}
-        title = f"step {int(step)} · trajectory {int(b)}"
-        stem = folder / f"traj{int(b):03d}"
+        title = f"step {int(step)} · trajectory {label}"
+        stem = folder / f"traj{label:03d}"
         png = plot_trajectory(stem.with_suffix(".png"), arr["margins"][b, :T], arr["sent_ids"][b, :T],
                               arr["scores"][b], int(arr["split"][b]), bool(arr["detected"][b]),
                               float(arr["dbic"][b]), float(arr["mu1"][b]), float(arr["mu2"][b]), r,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from opdjax import multihost
 from opdjax.teachability import changepoint, margins, release
 from opdjax.teachability.segments import Segments, segment_batch
 
@@ -118,23 +119,41 @@ class ReleaseDecision(NamedTuple):
     segments: Segments
 
 
+def segment_rows(settings: ReleaseSettings, tokenizer, response_ids, response_mask, plan=None) -> Segments:
+    """Sentence segments (host, NLTK Punkt) of the rows of a [B, R] response batch that this
+    process feeds (every row on one process): each process splits its own rows, none repeats
+    another's. `Segments.rows` names the global rows."""
+    rows = multihost.feeding_rows(plan, response_ids.shape, ("batch", "length"))
+    ids, mask = multihost.rows_of((response_ids, response_mask), rows)
+    segs = segment_batch(tokenizer, ids, mask, split_blank_lines=settings.split_blank_lines)
+    segs.rows = rows
+    return segs
+
+
 def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, response_mask,
                    teacher_sampled_logp, teacher_cand_logp, student_sampled_logp, student_cand_logp,
-                   candidate_ids, key: jax.Array | None = None, segments: Segments | None = None) -> ReleaseDecision:
+                   candidate_ids, key: jax.Array | None = None, segments: Segments | None = None,
+                   plan=None) -> ReleaseDecision:
     """Release decision for one batch of rollouts. All [B, R] / [B, R, K] arrays are
     response-aligned (R response columns, right-padded; `response_mask` marks real tokens).
-    `segments`: the sentence segmentation of these responses if already made (it depends on the
-    tokens only, so the trainer computes it on the host while the teacher scores on device)."""
+    `segments`: the sentence segmentation of this process's rows (`segment_rows`) if already made
+    (it depends on the tokens only, so the trainer computes it on the host while the teacher
+    scores on device). `plan`: the mesh the batch lives on (None: one device); on a pod each
+    process contributes the sentence ids of its own rows."""
     m = margins.margin(settings.margin, teacher_sampled_logp, student_sampled_logp, teacher_cand_logp,
                        student_cand_logp, candidate_ids, response_ids, response_mask)
-    segs = segments if segments is not None else segment_batch(
-        tokenizer, np.asarray(response_ids), np.asarray(response_mask), split_blank_lines=settings.split_blank_lines)
-    width = checked_scan_width(int(segs.num_sentences.max(initial=0)), settings)
+    segs = segments if segments is not None else segment_rows(settings, tokenizer, response_ids, response_mask,
+                                                               plan)
+    # The scan width is a compile-time shape: every process must pick the same, from the longest
+    # response of the whole batch.
+    longest = max(multihost.gather_objects(int(segs.num_sentences.max(initial=0))))
+    width = checked_scan_width(longest, settings)
     if key is None:
         key = jax.random.key(0)
+    shape = tuple(response_ids.shape)
+    sent_ids = multihost.from_local_rows(plan, segs.sent_ids, ("batch", "length"), shape)
     return ReleaseDecision(*_decide(settings, width, m.margin, m.margin_defined, m.advantage,
-                                    jnp.asarray(segs.sent_ids), jnp.asarray(response_mask, bool), key),
-                           segs)
+                                    sent_ids, jnp.asarray(response_mask, bool), key), segs)
 
 
 def scan_width(num_sentences: int, settings: ReleaseSettings) -> int:
@@ -217,26 +236,60 @@ def _shuffled_release_rate(key, M, valid, s: ReleaseSettings):
 
 
 def summary(decision: ReleaseDecision) -> dict[str, Any]:
-    """Host scalars for the metrics log (`release/` namespace); the decile curve as a list."""
+    """Host scalars for the metrics log (`release/` namespace); the decile curve as a list.
+    A collective on a pod (the statistics are small replicated arrays)."""
     out = {}
-    for k, v in decision.stats.items():
-        v = np.asarray(v)
+    for k, v in multihost.to_host(decision.stats).items():
         out[k] = v.tolist() if v.ndim else float(v)
     return out
 
 
-def write_pictures(decision: ReleaseDecision, out_dir, step: int, *, response_ids, response_mask, tokenizer,
-                   margin_name: str = "advantage_gap", max_trajectories: int = 4):
+class PictureRows(NamedTuple):
+    """What the pictures of some rows of a batch need, on the host (`local_picture_rows`)."""
+    rows: np.ndarray  # [n] global row indices
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    sent_ids: np.ndarray
+    margin: np.ndarray
+    sentence_scores: np.ndarray
+    release_sentence: np.ndarray
+    detected: np.ndarray
+    delta_bic: np.ndarray
+    mean_left: np.ndarray
+    mean_right: np.ndarray
+    release_index: np.ndarray
+    weights: np.ndarray
+
+
+def local_picture_rows(decision: ReleaseDecision, response_ids, response_mask, plan=None) -> PictureRows:
+    """The rows this process segmented, fetched from its own devices (no communication: process 0
+    can call it alone)."""
+    rows = decision.segments.rows
+    if rows is None:
+        rows = np.arange(len(decision.segments.sent_ids))
+    cp = decision.changepoint
+    # the row index of the right segment's first sentence: equals `split` unless a sentence
+    # without a defined margin sits inside the left part
+    fetched = multihost.rows_of((response_ids, response_mask, decision.margin, decision.sentence_scores,
+                                 cp.release_sentence, cp.detected, cp.delta_bic, cp.mean_left, cp.mean_right,
+                                 decision.release_index, decision.weights), rows)
+    ids, mask, margin, scores, split, detected, dbic, mu1, mu2, r, w = fetched
+    return PictureRows(rows, ids, mask, decision.segments.sent_ids, margin, scores, split, detected, dbic, mu1, mu2,
+                       r, w)
+
+
+def write_pictures(rows: PictureRows | ReleaseDecision, out_dir, step: int, *, tokenizer, response_ids=None,
+                   response_mask=None, margin_name: str = "advantage_gap", max_trajectories: int = 4):
     """PNG + HTML + Markdown of a few trajectories of this batch (the trainer calls this every N
-    steps); returns the written paths."""
+    steps, on process 0, with `local_picture_rows`; a decision and its response arrays work on one
+    process); returns the written paths."""
     from opdjax.teachability import pictures
 
-    cp = decision.changepoint
+    if isinstance(rows, ReleaseDecision):
+        rows = local_picture_rows(rows, response_ids, response_mask)
     return pictures.write_release_report(
-        out_dir, step, response_mask=response_mask, sent_ids=decision.segments.sent_ids,
-        margins=decision.margin, sentence_scores=decision.sentence_scores,
-        # the row index of the right segment's first sentence: equals `split` unless a sentence
-        # without a defined margin sits inside the left part
-        split=cp.release_sentence, detected=cp.detected, delta_bic=cp.delta_bic, mean_left=cp.mean_left,
-        mean_right=cp.mean_right, release_index=decision.release_index, weights=decision.weights,
-        token_ids=response_ids, tokenizer=tokenizer, margin_name=margin_name, max_trajectories=max_trajectories)
+        out_dir, step, response_mask=rows.response_mask, sent_ids=rows.sent_ids, margins=rows.margin,
+        sentence_scores=rows.sentence_scores, split=rows.release_sentence, detected=rows.detected,
+        delta_bic=rows.delta_bic, mean_left=rows.mean_left, mean_right=rows.mean_right,
+        release_index=rows.release_index, weights=rows.weights, token_ids=rows.response_ids, tokenizer=tokenizer,
+        margin_name=margin_name, max_trajectories=max_trajectories, labels=rows.rows)

@@ -317,6 +317,7 @@ class Segments:
     texts: list[str]
     spans: list[list[tuple[int, int]]]
     offsets: list[np.ndarray]
+    rows: np.ndarray | None = None  # global row of each segmented row (a pod process segments its own rows)
 
 
 def segment_batch(tokenizer, response_ids, response_mask, split_blank_lines: bool = True,

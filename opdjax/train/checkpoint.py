@@ -345,6 +345,14 @@ class Checkpointer:
         state = jax.block_until_ready(state)
         return state, dict(restored["meta"] or {})
 
+    def restore_latest(self, abstract_state):
+        """(step, state, meta) of the latest checkpoint, or None when there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+
     def _saved_signature(self, step: int) -> dict[tuple[str, ...], tuple]:
         md = self._mngr.item_metadata(step)["state"]
         tree = getattr(md, "tree", md)

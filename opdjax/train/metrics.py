@@ -14,9 +14,9 @@ part before the slash.
 Resume. ``MetricsWriter(workdir, resume_step=s)`` rewrites metrics.jsonl and text.jsonl without
 the records of steps > s (written after checkpoint s by the run that was preempted), and opens
 the TensorBoard writer with ``purge_step=s + 1`` so TensorBoard drops those steps too: a resumed
-run's curves have no duplicates. On a multi-host run only process 0 should make a writer.
+run's curves have no duplicates. On a multi-host run only process 0 makes a writer (`writer_for`).
 
-Host side only (numpy, matplotlib; no JAX). tensorboardX and tqdm are optional: without them
+Host side only (numpy, matplotlib; JAX only to ask which process this is). tensorboardX and tqdm are optional: without them
 the writer writes JSONL only and the progress line is plain text.
 """
 from __future__ import annotations
@@ -209,6 +209,37 @@ class MetricsWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class NullWriter:
+    """The writer of a process that writes nothing (on a pod every process but process 0): the
+    same calls as MetricsWriter, no files."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        return {"step": int(step), **{k: _to_number(v) for k, v in metrics.items()}}
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def writer_for(workdir, *, tensorboard: bool = True, resume_step: int | None = None):
+    """A MetricsWriter on process 0, a NullWriter on the other processes of a pod."""
+    import jax
+    if jax.process_index() != 0:
+        return NullWriter()
+    return MetricsWriter(workdir, tensorboard=tensorboard, resume_step=resume_step)
 
 
 # ----------------------------------------------------------------------------- progress

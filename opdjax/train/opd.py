@@ -17,7 +17,9 @@ and never reuses a rollout made before the checkpoint (rollouts are never stored
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,14 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opdjax import losses, sharding
+from opdjax import losses, multihost, sharding
 from opdjax.data import prompts as prompt_data
 from opdjax.eval.harness import evaluate
 from opdjax.models import hf_io, qwen
 from opdjax.rollout.sampler import SamplingSettings, sample
 from opdjax.teachability import rule
 from opdjax.teachability.scoring import teacher_logprobs
-from opdjax.teachability.segments import segment_batch
 from opdjax.train import checkpoint as ckpt_lib
 from opdjax.train import metrics as metrics_lib
 from opdjax.train.step import (StepSettings, TrainBatch, init_state, jit_train_step, learning_rate_schedule,
@@ -45,11 +46,30 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- set-up
+class EncodedPrompts(collections.abc.Sequence):
+    """Prompt ids of a list of problems, encoded on first use and kept: on a pod each process
+    encodes only the prompts of the rows it feeds."""
+
+    def __init__(self, encode, problems):
+        self._encode, self._problems, self._ids = encode, list(problems), {}
+
+    def __len__(self):
+        return len(self._problems)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i not in self._ids:
+            self._ids[i] = self._encode([self._problems[i]])[0]
+        return self._ids[i]
+
+
 @dataclasses.dataclass
 class Data:
-    train_prompts: list  # encoded prompt ids
+    train_prompts: EncodedPrompts  # prompt ids, encoded when a row is fed
     train_answers: list
-    eval_prompts: list
+    eval_prompts: EncodedPrompts
     eval_answers: list
     prompt_len: int  # P: every prompt is left-padded to this many columns (one compile)
 
@@ -91,15 +111,19 @@ def encode_problems(config, tokenizer, template: str | None, problems) -> list:
 
 
 def encode_data(config, tokenizer, template: str | None) -> Data:
+    """The train and eval prompts. Every prompt is rendered once up front, each process taking its
+    share, to check its length (an over-long prompt is an error naming it, on every process) and to
+    fix the padded width P; afterwards a process encodes only the rows it feeds."""
     train, ev = problems_for(config)
     if len(train) < config.batch.prompts_per_step:
         raise ValueError(f"config.batch.prompts_per_step={config.batch.prompts_per_step} exceeds the "
                          f"{len(train)} training prompts.")
-    tr = encode_problems(config, tokenizer, template, train)
     ev = ev[:config.eval.num_problems]
-    evp = encode_problems(config, tokenizer, template, ev)
-    P = max(map(len, tr + evp))
-    return Data(tr, [p.answer for p in train], evp, [p.answer for p in ev], P)
+    encode = functools.partial(encode_problems, config, tokenizer, template)
+    lengths = multihost.map_split(lambda share: [len(r) for r in encode(share)] if share else [],
+                                  train + ev, "encoding the prompts", batched=True)
+    return Data(EncodedPrompts(encode, train), [p.answer for p in train], EncodedPrompts(encode, ev),
+                [p.answer for p in ev], max(lengths))
 
 
 def stop_ids(config, tokenizer, cfg) -> tuple[int, ...]:
@@ -118,19 +142,28 @@ def sampling_settings(config, settings, tokenizer, cfg) -> SamplingSettings:
 
 
 # ---------------------------------------------------------------------------------- one step
+def prompt_batch(plan, prompts, rows, pad_id: int, prompt_len: int):
+    """Global (tokens, mask) [B, P] of the prompts `rows` (indices into `prompts`), left-padded to
+    prompt_len; each process encodes and places only the rows its devices hold."""
+    shape = (len(rows), prompt_len)
+    mine = multihost.feeding_rows(plan, shape, ("batch", "length"))
+    tok, mask = prompt_data.left_pad([prompts[rows[i]] for i in mine], pad_id, length=prompt_len)
+    return (multihost.from_local_rows(plan, tok, ("batch", "length"), shape),
+            multihost.from_local_rows(plan, mask, ("batch", "length"), shape))
+
+
 def rollout_and_score(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
-                      tokenizer, prompt_rows, prompt_len, key, plan, *, overlap_segments: bool = True):
-    """Steps 1-2 and the sentence split for one batch of prompt rows (the OPD step and the
-    diagnosis share it). Returns (rollout, teacher scores, segments, (tokens, mask) of prompt +
-    response, (pi_old of y_t, pi_old of the candidates), timings).
+                      tokenizer, prompts, rows, prompt_len, key, plan, *, overlap_segments: bool = True):
+    """Steps 1-2 and the sentence split for one batch: rollouts of the prompts `rows` (indices into
+    `prompts`; the OPD step and the diagnosis share it). Returns (rollout, teacher scores,
+    segments of this process's rows, (tokens, mask) of prompt + response, (pi_old of y_t, pi_old
+    of the candidates), timings).
 
     overlap_segments: split sentences on the host while the device scores (the trainer). False
     waits for the scores first, so that score_s and segment_s do not contain each other (the
     diagnosis reports them apart)."""
     timings = {}
-    tok, pmask = prompt_data.left_pad(prompt_rows, tokenizer.pad_token_id, length=prompt_len)
-    tok_d = sharding.put_global_batch(plan, tok, ("batch", "length"))
-    pmask_d = sharding.put_global_batch(plan, pmask, ("batch", "length"))
+    tok_d, pmask_d = prompt_batch(plan, prompts, rows, tokenizer.pad_token_id, prompt_len)
 
     t = time.perf_counter()
     roll = jax.block_until_ready(sample(student_params, tok_d, pmask_d, jax.random.fold_in(key, 0), student_cfg,
@@ -138,7 +171,8 @@ def rollout_and_score(config, settings, sampling, student_params, teacher_params
     timings["sample_s"] = time.perf_counter() - t
 
     # Teacher scoring is dispatched asynchronously; the host splits the responses into sentences
-    # (they depend on the sampled tokens only) while the device scores.
+    # (they depend on the sampled tokens only) while the device scores. Each process splits the
+    # rows its own devices hold.
     t = time.perf_counter()
     full = jnp.concatenate([tok_d, roll.tokens], axis=1)
     fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
@@ -147,8 +181,7 @@ def rollout_and_score(config, settings, sampling, student_params, teacher_params
     if not overlap_segments:
         jax.block_until_ready(scores)
     t_seg = time.perf_counter()
-    segments = segment_batch(tokenizer, np.asarray(roll.tokens), np.asarray(roll.mask),
-                             split_blank_lines=settings.split_blank_lines)
+    segments = rule.segment_rows(settings, tokenizer, roll.tokens, roll.mask, plan)
     timings["segment_s"] = time.perf_counter() - t_seg  # host, overlapped with scoring
     jax.block_until_ready(scores)
     # scoring wall time; with overlap_segments the segmentation runs inside it
@@ -161,18 +194,18 @@ def rollout_and_score(config, settings, sampling, student_params, teacher_params
 
 
 def rollout_and_release(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
-                        tokenizer, prompt_rows, prompt_len, key, plan):
-    """Steps 1-3 for one batch of prompt rows: rollouts, teacher scores, release decision.
+                        tokenizer, prompts, rows, prompt_len, key, plan):
+    """Steps 1-3 for one batch (the prompts `rows`): rollouts, teacher scores, release decision.
     Returns (TrainBatch, decision, rollout, scores, timings)."""
     roll, scores, segments, (full, fmask), (old_logp, old_cand), timings = rollout_and_score(
         config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg, tokenizer,
-        prompt_rows, prompt_len, key, plan)
+        prompts, rows, prompt_len, key, plan)
     t = time.perf_counter()
     decision = rule.decide_release(
         settings, tokenizer=tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
         teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
         student_sampled_logp=old_logp, student_cand_logp=old_cand, candidate_ids=roll.topk_ids,
-        key=jax.random.fold_in(key, 1), segments=segments)
+        key=jax.random.fold_in(key, 1), segments=segments, plan=plan)
     coeff = losses.token_coefficients(decision.weights, roll.mask, config.loss.normalize)
     advantage = jnp.where(roll.mask, decision.advantage, 0.0)
     batch = TrainBatch(full, fmask, losses.LossInputs(roll.tokens, old_logp, advantage, roll.topk_ids,
@@ -182,22 +215,38 @@ def rollout_and_release(config, settings, sampling, student_params, teacher_para
     return batch, decision, roll, scores, timings
 
 
-def step_metrics(decision, roll, scores, step_out, timings, lr) -> dict:
-    m = {k: float(v) for k, v in step_out.items()}
+@jax.jit
+def _rollout_stats(mask, advantage, teacher_sampled_logp, student_logp_model):
+    """Scalars of one batch of rollouts, reduced on device (so that no process fetches [B, R])."""
+    maskf = mask.astype(jnp.float32)
+    n_tok = jnp.maximum(jnp.sum(maskf), 1.0)
+    adv = jnp.where(mask, advantage, 0.0)
+    return {"teacher/sampled_logp_mean": jnp.sum(jnp.where(mask, teacher_sampled_logp, 0.0)) / n_tok,
+            "teacher/advantage_mean": jnp.sum(adv) / n_tok,
+            "teacher/advantage_abs_mean": jnp.sum(jnp.abs(adv)) / n_tok,
+            "rollout/student_logp_mean": jnp.sum(jnp.where(mask, student_logp_model, 0.0)) / n_tok,
+            "rollout/mean_tokens": jnp.mean(jnp.sum(maskf, axis=1)),
+            "rollout/max_tokens_share": jnp.mean(jnp.all(mask, axis=1).astype(jnp.float32)),
+            "rollout/tokens": jnp.sum(mask.astype(jnp.int32))}
+
+
+def rollout_metrics(decision, roll, scores) -> dict:
+    """The release rule's and the rollout's metrics of one batch, as host scalars (collective)."""
+    m = {}
     for k, v in rule.summary(decision).items():
         if isinstance(v, list):  # the decile curve: one scalar per decile
             m.update({f"release/{k}_{i}": float(x) for i, x in enumerate(v)})
         else:
             m[f"release/{k}"] = v
-    mask = np.asarray(roll.mask)
-    n_tok = max(int(mask.sum()), 1)
-    adv = np.asarray(decision.advantage)
-    m["teacher/sampled_logp_mean"] = float(np.asarray(scores.sampled_logp)[mask].sum() / n_tok)
-    m["teacher/advantage_mean"] = float(np.where(mask, adv, 0).sum() / n_tok)
-    m["teacher/advantage_abs_mean"] = float(np.abs(np.where(mask, adv, 0)).sum() / n_tok)
-    m["rollout/student_logp_mean"] = float(np.asarray(roll.logp_model)[mask].sum() / n_tok)
-    m["rollout/mean_tokens"] = float(mask.sum(1).mean())
-    m["rollout/max_tokens_share"] = float(mask.all(1).mean())  # rows that hit max_new_tokens
+    stats = multihost.to_host(_rollout_stats(roll.mask, decision.advantage, scores.sampled_logp, roll.logp_model))
+    m.update({k: (int(v) if k == "rollout/tokens" else float(v)) for k, v in stats.items()})
+    return m
+
+
+def step_metrics(rollout_part: dict, step_out, timings, lr) -> dict:
+    """One step's record: the rollout metrics, the train step's outputs, timings, throughput."""
+    m = dict(rollout_part)
+    m.update({k: float(v) for k, v in step_out.items()})
     m.update({f"timing/{k}": v for k, v in timings.items()})
     step_s = sum(v for k, v in timings.items() if k != "segment_s")  # segment_s is inside score_s
     m["timing/step_s"] = step_s
@@ -205,7 +254,7 @@ def step_metrics(decision, roll, scores, step_out, timings, lr) -> dict:
     # (overlapped with scoring on an accelerator; on a CPU it competes for the same cores)
     m["timing/release_share"] = timings["release_s"] / step_s
     m["timing/release_share_incl_segments"] = (timings["release_s"] + timings["segment_s"]) / step_s
-    m["perf/rollout_tokens_per_s"] = float(mask.sum()) / step_s
+    m["perf/rollout_tokens_per_s"] = m["rollout/tokens"] / step_s
     m["optimizer/learning_rate"] = float(lr)
     return m
 
@@ -242,36 +291,35 @@ def run(config) -> dict:
     ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step()
-    if start is None:
+    rng_abstract = jax.ShapeDtypeStruct(jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))
+    restored = ckpt.restore_latest({"train": abstract_state, "rng": rng_abstract})
+    if restored is None:
         params = load_params(config.student, student_cfg, plan)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
         del params
         start = 0
     else:
-        tree, meta = ckpt.restore(start, {"train": abstract_state, "rng": jax.ShapeDtypeStruct(
-            jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))})
+        start, tree, meta = restored
         state = tree["train"]
         root = jax.random.wrap_key_data(tree["rng"])
         stream.restore(meta["data"])
         log.info("resumed from %s at step %d (data position %s)", ckpt.directory, start, meta["data"])
     teacher_params = load_params(config.teacher, teacher_cfg, plan)
+    # the run's key as a replicated global array: a pod checkpoints only global arrays
+    rng_global = multihost.to_global(plan, multihost.to_host(jax.random.key_data(root)), (None,))
 
     sampling = sampling_settings(config, settings, student_tok, student_cfg)
     step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
                                  microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
                                  clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
     train_step = jit_train_step(tx, student_cfg, teacher_cfg, step_settings, plan, dtype)
-    # Multi-host: process 0 writes the run's metrics, pictures and summary; the others keep theirs
-    # apart (workdir/process<i>) so nothing is written twice to one file.
-    out_dir = config.workdir if jax.process_index() == 0 else os.path.join(config.workdir,
-                                                                            f"process{jax.process_index()}")
-    writer = metrics_lib.MetricsWriter(out_dir, tensorboard=config.metrics.tensorboard and out_dir == config.workdir,
-                                       resume_step=start)
+    # Multi-host: process 0 writes the run's metrics, pictures, evaluation records and summary.
+    writing = multihost.is_writer()
+    writer = metrics_lib.writer_for(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
     eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
 
     def run_eval(step, params):
-        if not data.eval_prompts:
+        if not len(data.eval_prompts):
             return {}
         res = evaluate(params, student_cfg, student_tok, data.eval_prompts, data.eval_answers,
                        samples=config.eval.samples, ks=tuple(config.eval.k), temperature=float(config.eval.temperature),
@@ -287,33 +335,38 @@ def run(config) -> dict:
                "start_step": start, "steps": steps}
     if start == 0 and config.eval.num_problems and config.eval.before:
         summary["eval_before"] = run_eval(0, state["params"])
-    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
+    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress and writing)
     per_step = []
     preempted = False
     with ckpt_lib.PreemptionGuard() as guard:
         for step in range(start, steps):
             key = jax.random.fold_in(root, step)
             idx = stream.next_batch()
-            rows = [data.train_prompts[i] for i in idx for _ in range(config.rollout.samples_per_prompt)]
+            rows = [i for i in idx for _ in range(config.rollout.samples_per_prompt)]
             batch, decision, roll, scores, timings = rollout_and_release(
                 config, settings, sampling, state["params"], teacher_params, student_cfg, teacher_cfg,
-                student_tok, rows, data.prompt_len, key, plan)
+                student_tok, data.train_prompts, rows, data.prompt_len, key, plan)
+            m = rollout_metrics(decision, roll, scores)  # before the update is queued behind them
+            every = config.metrics.pictures_every
+            pictures = every and (step + 1) % every == 0 and writing
+            if pictures:  # process 0 draws from the rows its own devices hold
+                pictures = rule.local_picture_rows(decision, roll.tokens, roll.mask, plan)
             t = time.perf_counter()
             state, out = train_step(state, batch, teacher_params)
-            out = jax.device_get(out)  # blocks: one step in flight at a time (CPU collectives)
+            # CPU: one step in flight at a time (simulated-device collectives). TPU/GPU: the host
+            # writes this step's rollout record and pictures while the device updates.
+            multihost.block_on_cpu(out)
+            if pictures:
+                rule.write_pictures(pictures, os.path.join(config.workdir, "pictures"), step + 1, tokenizer=student_tok,
+                                    margin_name=settings.margin, max_trajectories=config.metrics.pictures_per_step)
+            out = multihost.to_host(out)
             timings["update_s"] = time.perf_counter() - t
-            m = step_metrics(decision, roll, scores, out, timings, lr_at(step))
+            m = step_metrics(m, out, timings, lr_at(step))
             m["data/epoch"] = stream.epochs_done
             writer.write(step + 1, m)
             per_step.append(m)
-            progress.update(step + 1, tokens=int(np.asarray(roll.mask).sum()),
+            progress.update(step + 1, tokens=m["rollout/tokens"],
                             extra={"loss": m["loss/total"], "kept": m.get("release/kept_share", float("nan"))})
-            every = config.metrics.pictures_every
-            if every and (step + 1) % every == 0:
-                rule.write_pictures(decision, os.path.join(out_dir, "pictures"), step + 1,
-                                    response_ids=np.asarray(roll.tokens), response_mask=np.asarray(roll.mask),
-                                    tokenizer=student_tok, margin_name=settings.margin,
-                                    max_trajectories=config.metrics.pictures_per_step)
             if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
                 run_eval(step + 1, state["params"])
             preempted = guard.should_stop(step + 1)
@@ -321,17 +374,19 @@ def run(config) -> dict:
                 # Metrics up to this step reach the file before the checkpoint can become complete:
                 # a run killed after the save resumes here and must not lose this step's record.
                 writer.flush()
-                ckpt.save(step + 1, {"train": state, "rng": jax.random.key_data(root)},
+                ckpt.save(step + 1, {"train": state, "rng": rng_global},
                           {"data": stream.state(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
                           force=True)
             if preempted:
-                log.warning("SIGTERM: saved the checkpoint at step %d; exiting cleanly", step + 1)
+                log.warning("%s: saved the checkpoint at step %d; exiting cleanly", guard.signal_name or "SIGTERM",
+                            step + 1)
                 break
     progress.close()
     ckpt.wait()
+    counters = multihost.to_host({"step": state["step"], "skipped": state["skipped"]})
     summary["preempted"] = preempted
-    summary["final_step"] = int(state["step"])
-    summary["skipped_updates"] = int(state["skipped"])
+    summary["final_step"] = int(counters["step"])
+    summary["skipped_updates"] = int(counters["skipped"])
     if not preempted:
         if config.checkpoint.export_hf:
             hf_dir = os.path.join(config.workdir, "student_hf")
@@ -343,8 +398,9 @@ def run(config) -> dict:
     summary["wall_s"] = time.perf_counter() - t_start
     writer.close()
     ckpt.close()
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if writing:
+        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     summary["final_params"] = state["params"]
     return summary
 
