@@ -258,11 +258,11 @@ class OPDHarness:
         meter = LoadMeter().start()
         key = jax.random.fold_in(self.root, i)
         idx = self.stream.next_batch()
-        rows = [self.data.train_prompts[j] for j in idx for _ in range(c.rollout.samples_per_prompt)]
-        self.rows_log.append([list(map(int, r)) for r in rows])
+        rows = [j for j in idx for _ in range(c.rollout.samples_per_prompt)]
+        self.rows_log.append([list(map(int, self.data.train_prompts[j])) for j in rows])
         batch, decision, roll, scores, timings = opd.rollout_and_release(
             c, self.settings, self.sampling, self.state["params"], self.teacher_params, self.student_cfg,
-            self.teacher_cfg, self.student_tok, rows, self.data.prompt_len, key, self.plan)
+            self.teacher_cfg, self.student_tok, self.data.train_prompts, rows, self.data.prompt_len, key, self.plan)
         t = time.perf_counter()
         self.state, out = self.train_step(self.state, batch, self.teacher_params)
         out = jax.device_get(out)

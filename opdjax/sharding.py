@@ -67,10 +67,18 @@ def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = 
     if math.prod(shape) != num_devices:
         raise ShardingError(
             f"{field}={shape} ({dict(zip(MESH_AXES, shape))}) needs {math.prod(shape)} devices but "
-            f"{num_devices} are present ({jax.devices()[0].platform}); make the product equal "
+            f"{num_devices} are present ({_where()}); make the product equal "
             f"{num_devices}, or put -1 on one axis to fill it."
         )
     return shape
+
+
+def _where() -> str:
+    """'cpu' on one process; 'tpu, 4 processes x 8 local devices' on a pod."""
+    platform = jax.devices()[0].platform
+    if jax.process_count() == 1:
+        return platform
+    return f"{platform}, {jax.process_count()} processes x {jax.local_device_count()} local devices"
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:

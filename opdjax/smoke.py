@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.data.tokenizer import encode_chat, load_tokenizer
 from opdjax.models import hf_io, qwen
 from opdjax.rollout.greedy import greedy_generate
@@ -34,9 +34,11 @@ def load_model(model_cfg, plan, workdir):
     if not path:
         from opdjax.models.toy import build_random_checkpoint
         path = os.path.join(workdir, "random_qwen3")
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        # process 0 builds it in the (shared) workdir; the others wait, then load it
+        if multihost.is_writer() and not os.path.isfile(os.path.join(path, "model.safetensors")):
             log.info("no model.path given: building a tiny random Qwen3 checkpoint in %s", path)
             build_random_checkpoint(path)
+        multihost.sync("opdjax smoke: random checkpoint built")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"config.model.path={path!r} is not a directory; give a Hugging Face "
                                 "checkpoint directory (config.json, *.safetensors, tokenizer files).")
@@ -67,8 +69,8 @@ def run(config) -> dict:
     pmask = np.zeros((n, P), bool)
     for i, r in enumerate(rows):  # left-padded: every row's prompt ends at the same column
         prompt[i, P - len(r):], pmask[i, P - len(r):] = r, True
-    prompt_d = sharding.put_global_batch(plan, prompt, ("batch", "length"))
-    pmask_d = sharding.put_global_batch(plan, pmask, ("batch", "length"))
+    prompt_d = multihost.to_global(plan, prompt, ("batch", "length"))
+    pmask_d = multihost.to_global(plan, pmask, ("batch", "length"))
 
     gen = lambda: greedy_generate(params, prompt_d, pmask_d, cfg, max_new_tokens=config.max_new_tokens,
                                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, plan=plan)
@@ -76,19 +78,18 @@ def run(config) -> dict:
     jax.block_until_ready(gen())
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens, real = jax.block_until_ready(gen())
+    tokens_d, real_d = jax.block_until_ready(gen())
     gen_s = time.perf_counter() - t0
-    tokens, real = np.asarray(tokens), np.asarray(real)
+    tokens, real = multihost.to_host((tokens_d, real_d))
     new_tokens = int(real.sum())
     log.info("generated %d tokens for %d rows in %.2f s (%.1f tokens/s; first call incl. compile %.1f s)",
              new_tokens, n, gen_s, new_tokens / gen_s, compile_s)
 
     # The KV-cache path must pick exactly the argmax of a full forward over the same tokens.
-    full = np.concatenate([prompt, tokens], axis=1)
-    fmask = np.concatenate([pmask, real], axis=1)
-    logits = np.asarray(qwen.jit_forward(cfg, plan)(params, sharding.put_global_batch(plan, full, ("batch", "length")),
-                                                     sharding.put_global_batch(plan, fmask, ("batch", "length"))))
-    argmax = logits.argmax(-1)[:, P - 1:-1]  # prediction for each generated position
+    full = jnp.concatenate([prompt_d, tokens_d], axis=1)
+    fmask = jnp.concatenate([pmask_d, real_d], axis=1)
+    logits = qwen.jit_forward(cfg, plan)(params, full, fmask)
+    argmax = multihost.to_host(jnp.argmax(logits, axis=-1))[:, P - 1:-1]  # prediction for each generated position
     mismatches = int(((argmax != tokens) & real).sum())
     if mismatches:
         raise AssertionError(f"KV-cache greedy decoding disagrees with full-forward argmax at {mismatches} "
@@ -102,8 +103,9 @@ def run(config) -> dict:
                   mesh=dict(mesh.shape), rows=n, new_tokens=new_tokens, generate_seconds=gen_s,
                   tokens_per_second=new_tokens / gen_s, compile_seconds=compile_s,
                   kv_cache_matches_full_forward=True, outputs=outputs)
-    with open(os.path.join(config.workdir, "smoke.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if multihost.is_writer():
+        with open(os.path.join(config.workdir, "smoke.json"), "w") as f:
+            json.dump(result, f, indent=2)
     print(f"smoke OK: {new_tokens} tokens at {new_tokens / gen_s:.1f} tokens/s; results in "
           f"{os.path.join(config.workdir, 'smoke.json')}")
     return result

@@ -109,9 +109,10 @@ class Job:
 
 
 def start(args, logdir, *, processes: int = 2, timeout: float = 240, cwd=None, per_process_args=None,
-          env: dict | None = None) -> Job:
-    """Start `launch/tpu_run.py ARGS` as `processes` processes sharing DEVICES simulated devices.
-    per_process_args[i]: extra arguments for process i only. Logs go to logdir/process<i>.log."""
+          env: dict | None = None, script=TPU_RUN) -> Job:
+    """Start `launch/tpu_run.py ARGS` (or another `script`) as `processes` processes sharing DEVICES
+    simulated devices. per_process_args[i]: extra arguments for process i only. Logs go to
+    logdir/process<i>.log."""
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     devices = DEVICES // processes
@@ -123,7 +124,7 @@ def start(args, logdir, *, processes: int = 2, timeout: float = 240, cwd=None, p
             extra.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                          JAX_PROCESS_ID=str(i))
         log = logdir / f"process{i}.log"
-        argv = [sys.executable, str(TPU_RUN), *map(str, args), *map(str, (per_process_args or {}).get(i, ()))]
+        argv = [sys.executable, str(script), *map(str, args), *map(str, (per_process_args or {}).get(i, ()))]
         with open(log, "w") as f:
             procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=process_env(devices, extra), cwd=str(cwd or ROOT)))

@@ -151,3 +151,17 @@ def test_load_forward_save_under_jax_distributed(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     again = _hf_rows(reloaded, toks, mask)
     assert np.abs(again[mask] - gathered[0][mask]).max() <= TOL
+
+
+@pytest.mark.timeout(120)
+def test_boundary_functions_across_two_processes(tmp_path):
+    """opdjax/multihost.py on a real 2-process job: whole arrays gathered, each process's own rows
+    (disjoint, covering the batch), global arrays built from those rows, Python objects gathered,
+    host work split with an error on one process raised on both, config agreement."""
+    import pod
+    logs = pod.start([str(tmp_path)], tmp_path, script=os.path.join(os.path.dirname(__file__),
+                                                                    "boundary_worker.py")).wait()
+    assert all("boundary checks ok" in log for log in logs)
+    a, b = np.load(tmp_path / "process0.npz"), np.load(tmp_path / "process1.npz")
+    np.testing.assert_array_equal(a["gathered"], b["gathered"])
+    assert sorted(a["mine"].tolist() + b["mine"].tolist()) == list(range(8))

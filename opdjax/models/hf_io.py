@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from opdjax import multihost
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
 from opdjax.models.safetensors_io import LazyTensor, SafetensorsCheckpoint, save_safetensors
@@ -242,17 +243,10 @@ def hf_tensors(params: qwen.Params, cfg: ModelConfig, dtype=None) -> dict[str, L
         np_dtype = np.dtype(jnp.dtype(dtype or leaf.dtype))
         for i, name in enumerate(m.hf_names(cfg.num_layers)):
             def produce(leaf=leaf, i=i if m.per_layer else None, m=m, np_dtype=np_dtype):
-                part = _to_host(leaf if i is None else leaf[i])
+                part = multihost.to_host(leaf if i is None else leaf[i])
                 return np.ascontiguousarray(m.to_hf(part)).astype(np_dtype, copy=False)
             out[name] = LazyTensor(tuple(m.hf_shape), np_dtype, produce)
     return dict(sorted(out.items()))
-
-
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def save_pretrained(params: qwen.Params, cfg: ModelConfig, out_dir: str, *, tokenizer=None,
@@ -279,6 +273,7 @@ def save_pretrained(params: qwen.Params, cfg: ModelConfig, out_dir: str, *, toke
         copy_tokenizer_files(str(tokenizer), out_dir)
     elif tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    log.info("wrote the Hugging Face checkpoint %s", out_dir)
 
 
 def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opdjax import multihost
 from opdjax.models import qwen
 from opdjax.models.config import ConfigError, ModelConfig
 from opdjax.sharding import ShardingPlan
@@ -278,7 +279,7 @@ def to_peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     out = {}
     for t, ab in adapter.items():
         for part in ("a", "b"):
-            stacked = _to_host(ab[part])
+            stacked = multihost.to_host(ab[part])
             for i in range(stacked.shape[0]):
                 out[_peft_name(t, i, part)] = np.ascontiguousarray(stacked[i].T)
     return out
@@ -382,10 +383,3 @@ def load_adapter(path: str, cfg: ModelConfig | None = None, dtype=None) -> tuple
         raise ValueError(f"{path}: the weights' rank differs from r={spec.rank} in {ADAPTER_CONFIG}.")
     adapter = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), adapter)
     return adapter, spec
-
-
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opdjax import multihost
 from opdjax.teachability import changepoint, margins, release
 from opdjax.teachability.rule import ReleaseSettings, checked_scan_width
 
@@ -126,9 +127,10 @@ def analyze_variant(arrays: dict[str, np.ndarray], settings: ReleaseSettings, va
     width = checked_scan_width(int(sent_ids.max(initial=-1)) + 1, settings)
     out = per_rollout_statistics(settings, width, m.margin[variant],
                                  m.margin_defined[variant], m.advantage, jnp.asarray(sent_ids), mask, key)
-    out = jax.device_get(out)
-    out["margin"] = np.where(np.asarray(m.margin_defined[variant]) & mask, np.asarray(m.margin[variant]), np.nan)
-    out["advantage"] = np.asarray(m.advantage)
+    out = multihost.to_host(out)
+    defined, margin, advantage = multihost.to_host((m.margin_defined[variant], m.margin[variant], m.advantage))
+    out["margin"] = np.where(defined & mask, margin, np.nan)
+    out["advantage"] = advantage
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
+
+log = logging.getLogger(__name__)
 
 
 def sentence_token_ranges(sent_ids: np.ndarray) -> list[tuple[int, int]]:
@@ -314,4 +317,5 @@ def write_release_report(out_dir: str | Path, step: int, *, response_mask, sent_
                            numbers, title=title, png_path=png, token_margins=arr["margins"][b, :T])
         md = render_markdown(stem.with_suffix(".md"), texts, arr["sent_ids"][b, :T], r, numbers, title=title)
         paths += [png, page, md]
+    log.info("wrote the release pictures of %d trajectories to %s", len(indices), folder)
     return paths

@@ -146,7 +146,7 @@ def decide_release(settings: ReleaseSettings, *, tokenizer, response_ids, respon
                                                                plan)
     # The scan width is a compile-time shape: every process must pick the same, from the longest
     # response of the whole batch.
-    longest = max(multihost.gather_objects(int(segs.num_sentences.max(initial=0))))
+    longest = max(multihost.gather_objects(int(segs.num_sentences.max(initial=0))))  # host: Segments
     width = checked_scan_width(longest, settings)
     if key is None:
         key = jax.random.key(0)

@@ -17,6 +17,7 @@ import time
 
 import ml_collections
 
+from opdjax import multihost
 from opdjax.train import opd, report
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ def run(config) -> dict:
         results[arm] = s
     untrained = results[arms[0]].get("eval_before", {})
     out = {"arms": results, "untrained": untrained, "wall_s": time.perf_counter() - t0}
-    out["report"] = report.write_compare_report(config, out)
-    with open(os.path.join(config.workdir, "compare.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"OPD comparison done in {out['wall_s'] / 60:.1f} min; report: {out['report']}")
+    if multihost.is_writer():  # the arms' metrics files are process 0's; so are the report's
+        out["report"] = report.write_compare_report(config, out)
+        with open(os.path.join(config.workdir, "compare.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"OPD comparison done in {out['wall_s'] / 60:.1f} min; report: {out['report']}")
     return out

@@ -17,6 +17,7 @@ code (opd.rollout_and_score). No parameter is updated. The per-token arrays are 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,10 +26,11 @@ import time
 import jax
 import numpy as np
 
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.teachability import diagnosis, diagnosis_report, margins
 from opdjax.train import metrics as metrics_lib
-from opdjax.train.opd import encode_problems, load_params, problems_for, rollout_and_score, sampling_settings
+from opdjax.train.opd import (EncodedPrompts, encode_problems, load_params, problems_for, rollout_and_score,
+                             sampling_settings)
 from opdjax.train.validate import ConfigError, load_tokenizer_for, validate_config
 
 log = logging.getLogger(__name__)
@@ -55,18 +57,25 @@ def check_diagnose_section(d) -> None:
 
 
 def _encode(config, tokenizer, template):
+    """(problems, their prompt ids encoded on first use, the padded width); each process renders
+    its share up front to check the lengths (an over-long prompt is an error on every process)."""
     train, _ = problems_for(config)
     n = config.diagnose.num_prompts or len(train)
     if n > len(train):
         raise ConfigError(f"config.diagnose.num_prompts={n} but the prompt set has only {len(train)} prompts "
                           "(lower it, or 0 for all of them).")
     problems = train[:n]
-    return problems, encode_problems(config, tokenizer, template, problems)
+    encode = functools.partial(encode_problems, config, tokenizer, template)
+    lengths = multihost.map_split(lambda share: [len(r) for r in encode(share)] if share else [], problems,
+                                  "encoding the prompts", batched=True)
+    return problems, EncodedPrompts(encode, problems), max(lengths)
 
 
 def collect(config, checked, student_tok, template, plan, *, progress: bool = True):
-    """Rollouts, teacher scores and sentence ids for the diagnosis prompts, as host arrays."""
-    problems, encoded = _encode(config, student_tok, template)
+    """Rollouts, teacher scores and sentence ids for the diagnosis prompts, as host arrays (whole,
+    on every process: on a pod each process samples and segments its own rows, then they are
+    gathered)."""
+    problems, encoded, prompt_len = _encode(config, student_tok, template)
     settings = checked.release
     sampling = sampling_settings(config, settings, student_tok, checked.student_cfg)
     timings = {"load_s": 0.0, "sample_s": 0.0, "score_s": 0.0, "segment_s": 0.0, "grade_s": 0.0}
@@ -76,7 +85,6 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
     timings["load_s"] = time.perf_counter() - t
 
     n_samples, per_call = config.rollout.samples_per_prompt, config.batch.prompts_per_step
-    prompt_len = max(map(len, encoded))
     calls = -(-len(encoded) // per_call)
     root = jax.random.key(config.seed)
     parts: dict[str, list] = {k: [] for k in diagnosis.ARRAY_FIELDS}
@@ -86,23 +94,27 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
         idx = list(range(call * per_call, min((call + 1) * per_call, len(encoded))))
         # A short last call repeats its last prompt to keep the compiled shape; those rows are dropped.
         padded = idx + [idx[-1]] * (per_call - len(idx))
-        rows = [encoded[i] for i in padded for _ in range(n_samples)]
+        rows = [i for i in padded for _ in range(n_samples)]
         roll, scores, segs, _, (old_logp, old_cand), tm = rollout_and_score(
             config, settings, sampling, student, teacher, checked.student_cfg, checked.teacher_cfg, student_tok,
-            rows, prompt_len, jax.random.fold_in(root, call), plan, overlap_segments=False)
+            encoded, rows, prompt_len, jax.random.fold_in(root, call), plan, overlap_segments=False)
         for k in ("sample_s", "score_s", "segment_s"):
             timings[k] += tm[k]
         keep = len(idx) * n_samples
-        host = jax.device_get(dict(response_ids=roll.tokens, response_mask=roll.mask,
-                                   teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
-                                   student_sampled_logp=old_logp, student_cand_logp=old_cand,
-                                   candidate_ids=roll.topk_ids))
-        host["sent_ids"] = segs.sent_ids
+        host = multihost.to_host(dict(response_ids=roll.tokens, response_mask=roll.mask,
+                                      teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
+                                      student_sampled_logp=old_logp, student_cand_logp=old_cand,
+                                      candidate_ids=roll.topk_ids))
+        # each process segmented its own rows: put the sentence ids and texts of all rows together
+        by_row = {}
+        for part in multihost.gather_objects((segs.rows.tolist(), segs.sent_ids, segs.texts)):
+            by_row.update({r: (ids, text) for r, ids, text in zip(part[0], part[1], part[2])})
+        host["sent_ids"] = np.stack([by_row[r][0] for r in range(len(rows))])
         for k, v in host.items():
-            parts[k].append(np.asarray(v)[:keep])
+            parts[k].append(v[:keep])
         parts["prompt_index"] += [i for i in idx for _ in range(n_samples)]
-        parts["texts"] += segs.texts[:keep]
-        bar.update(call + 1, tokens=int(np.asarray(roll.mask)[:keep].sum()))
+        parts["texts"] += [by_row[r][1] for r in range(keep)]
+        bar.update(call + 1, tokens=int(host["response_mask"][:keep].sum()))
     bar.close()
     arrays = {k: np.concatenate(parts[k]) for k in diagnosis.ARRAY_FIELDS}
     arrays["prompt_index"] = np.asarray(parts["prompt_index"], np.int32)
@@ -110,8 +122,9 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
     golds = [problems[i].answer for i in arrays["prompt_index"]]
     if any(g not in (None, "") for g in golds):
         from opdjax.data.grading import grade
-        arrays["correct"] = np.array([-1 if g in (None, "") else int(grade(text, g))
-                                      for text, g in zip(parts["texts"], golds)], np.int8)
+        arrays["correct"] = np.array(multihost.map_split(
+            lambda tg: -1 if tg[1] in (None, "") else int(grade(*tg)), list(zip(parts["texts"], golds)), "grading"),
+            np.int8)
     timings["grade_s"] = time.perf_counter() - t
     return arrays, parts["texts"], problems, timings
 
@@ -145,7 +158,6 @@ def diagnose(config) -> dict:
     template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
         config.tokenizer.chat_template]
     out_dir = config.diagnose.directory or os.path.join(config.workdir, "diagnosis")
-    os.makedirs(out_dir, exist_ok=True)
     plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
 
     if config.diagnose.arrays:
@@ -153,6 +165,22 @@ def diagnose(config) -> dict:
     else:
         arrays, texts, problems, timings = collect(config, checked, student_tok, template, plan)
         num_prompts = len(problems)
+    # The statistics are host work on arrays every process now holds: process 0 computes and
+    # writes them, the others receive the results.
+    error = None
+    if multihost.is_writer():
+        try:
+            results = _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, timings, t_start)
+        except Exception as e:  # noqa: BLE001 -- raised on every process below
+            error = e
+    multihost.raise_if_any_failed(error, "the diagnosis statistics")
+    results = multihost.broadcast_object(results if multihost.is_writer() else None)
+    print(results["verdict"]["text"], flush=True)
+    return results
+
+
+def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, timings, t_start) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(os.path.join(out_dir, "arrays.npz"), **arrays)
     log.info("%d rollouts, %d response tokens; sampling %.1f s, scoring %.1f s", len(texts),
              int(arrays["response_mask"].sum()), timings["sample_s"], timings["score_s"])
@@ -187,7 +215,6 @@ def diagnose(config) -> dict:
     with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:
         json.dump(_jsonable(results), f, indent=2)
     diagnosis_report.write_markdown(out_dir, results, title=_title(config))
-    print(results["verdict"]["text"], flush=True)
     log.info("report: %s", os.path.join(out_dir, "report.md"))
     return results
 

@@ -132,6 +132,7 @@ class MetricsWriter:
             if dropped:
                 log.info("resuming at step %d: dropped %d metric record(s) written after it", resume_step, dropped)
         self._f = open(self.path, "a", encoding="utf-8")
+        log.info("writing metrics to %s", self.path)
         self._ftext = None
         self._tb = None
         if tensorboard:
@@ -234,10 +235,14 @@ class NullWriter:
         return False
 
 
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
 def writer_for(workdir, *, tensorboard: bool = True, resume_step: int | None = None):
     """A MetricsWriter on process 0, a NullWriter on the other processes of a pod."""
-    import jax
-    if jax.process_index() != 0:
+    if _process_index() != 0:
         return NullWriter()
     return MetricsWriter(workdir, tensorboard=tensorboard, resume_step=resume_step)
 
@@ -288,7 +293,7 @@ class Progress:
                  min_interval_s: float = 5.0, window: int = 20, max_extras: int = 4):
         self.total = int(total_steps)
         self.start = int(start_step)
-        self.enabled = enabled
+        self.enabled = enabled and _process_index() == 0  # one progress line per pod, not one per worker
         self.stream = sys.stderr if stream is None else stream
         self.min_interval_s = float(min_interval_s)
         self.max_extras = max_extras

@@ -335,7 +335,7 @@ def run(config) -> dict:
                "start_step": start, "steps": steps}
     if start == 0 and config.eval.num_problems and config.eval.before:
         summary["eval_before"] = run_eval(0, state["params"])
-    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress and writing)
+    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
     per_step = []
     preempted = False
     with ckpt_lib.PreemptionGuard() as guard:
@@ -401,6 +401,7 @@ def run(config) -> dict:
     if writing:
         with open(os.path.join(config.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        log.info("wrote the run summary %s", os.path.join(config.workdir, "summary.json"))
     summary["final_params"] = state["params"]
     return summary
 
