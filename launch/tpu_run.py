@@ -27,8 +27,29 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config configs/<name>.py is required")
     sharding.maybe_initialize_distributed()  # before any other JAX call
-    multihost.agree_on_config(config)  # a pod: every worker must have been given the same config
-    jobs.get_job(config.job)(config)
+    try:
+        multihost.agree_on_config(config)  # a pod: every worker must have been given the same config
+        jobs.get_job(config.job)(config)
+    except _user_errors() as e:
+        # Bad input (a config field, a file, a checkpoint, workers that disagree): its message says
+        # what and how to fix it; a traceback would only bury it. OPDJAX_TRACEBACK=1 shows it.
+        if os.environ.get("OPDJAX_TRACEBACK") == "1":
+            raise
+        print(f"opdjax: error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _user_errors() -> tuple[type, ...]:
+    from opdjax import multihost, sharding
+    from opdjax.dail.synthesize import SynthesisConfigError
+    from opdjax.data.records import PromptDataError
+    from opdjax.data.tokenizer import TokenizerMismatchError
+    from opdjax.models import config as model_config, hf_io
+    from opdjax.teachability.segments import PunktModelMissingError
+    from opdjax.train import checkpoint, validate
+    return (validate.ConfigError, model_config.ConfigError, checkpoint.CheckpointError, hf_io.CheckpointError,
+            sharding.ShardingError, multihost.MultiHostError, PromptDataError, TokenizerMismatchError,
+            PunktModelMissingError, SynthesisConfigError)
 
 
 if __name__ == "__main__":

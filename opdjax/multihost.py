@@ -16,7 +16,7 @@ Host work on a pod is split, never repeated: `map_split(fn, items)` runs `fn` on
 contiguous share of `items` and gathers the results (Python objects) on every process; an error on
 any process is raised on all of them, so no process is left waiting in a collective. Process 0
 writes shared files (`is_writer()`); `agree_on_config` stops a job whose processes were given
-different configs. On one process every function here is the plain local operation.
+different configs, `agree` one whose processes read different input files. On one process every function here is the plain local operation.
 
 `block_on_cpu(x)`: simulated multi-device CPU meshes deadlock in XLA's CPU collectives with
 several sharded calls in flight, so on CPU the loops block on each step's result; on TPU/GPU
@@ -262,10 +262,40 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def fingerprint(obj: Any) -> str:
+    """sha256 of `obj` as canonical JSON (dicts with sorted keys; anything else by repr)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+
+
 def config_fingerprint(config) -> str:
     """sha256 of the config as canonical JSON."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=repr).encode()).hexdigest()
+    return fingerprint(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def agree(value: Any, what: str, *, fix: str = "every worker must read the same files (shared storage)") -> None:
+    """Collective: stop every process with a MultiHostError when the processes hold different
+    `value` (keep it small: a count, a fingerprint, a short list). Each process reads a job's input
+    files itself; a decision taken from such a read must come out the same everywhere, or the
+    processes part ways and the next collective hangs."""
+    if not is_multiprocess():
+        return
+    values = gather_objects(value)
+    if all(v == values[0] for v in values[1:]):
+        return
+    shown = "; ".join(f"process {p}: {str(v)[:200]}" for p, v in enumerate(values))
+    raise MultiHostError(f"the processes of this job see different {what} ({shown}); {fix}.")
+
+
+def run_everywhere(fn: Callable[[], Any], what: str) -> Any:
+    """fn() on every process; when it raises on any process, every process raises (the failing
+    process its own error, the others a MultiHostError naming it), so none waits in a collective."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+        error = e
+    raise_if_any_failed(error, what)
+    return result
 
 
 def agree_on_config(config) -> None:

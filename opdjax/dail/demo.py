@@ -10,6 +10,8 @@
 4. evaluation (opdjax.dail.evaluate): pass@k for k = 1..n, base vs trained, same keys;
 5. workdir/report.md: what each step produced, with the pass@k and training-curve pictures.
 Each step is the same job a real run launches on its own; the demo only chains them.
+On a pod (several processes) process 0 writes the problem files, the report and
+demo_summary.json; every process takes part in each step.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import logging
 import os
 import time
 
+from opdjax import multihost
 from opdjax.dail import evaluate, synthesize, toy, train
 
 log = logging.getLogger(__name__)
@@ -35,11 +38,15 @@ def _fmt(v):
 def run(config) -> dict:
     t0 = time.perf_counter()
     config = _unlocked(config)
-    os.makedirs(config.workdir, exist_ok=True)
+    writing = multihost.is_writer()  # process 0 writes the shared files; the others read them
     problems = os.path.join(config.workdir, "problems.jsonl")
     held_out = os.path.join(config.workdir, "eval.jsonl")
-    toy.write_demo_problems(problems, config.demo.num_problems, seed=config.seed, split="train")
-    toy.write_demo_problems(held_out, config.demo.num_eval_problems, seed=config.seed, split="eval")
+    if writing:
+        os.makedirs(config.workdir, exist_ok=True)
+        toy.write_demo_problems(problems, config.demo.num_problems, seed=config.seed, split="train")
+        toy.write_demo_problems(held_out, config.demo.num_eval_problems, seed=config.seed, split="eval")
+        log.info("wrote the demo problems %s and %s", problems, held_out)
+    multihost.sync("dail_demo_problems")  # written before any process reads them
     config.data.problems, config.eval.problems = problems, held_out
 
     timings = {}
@@ -55,9 +62,12 @@ def run(config) -> dict:
     timings["evaluation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     summary = {"synthesis": syn, "training": tr, "evaluation": ev, "timings": timings}
-    write_report(config, summary)
-    with open(os.path.join(config.workdir, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    if writing:
+        write_report(config, summary)
+        with open(os.path.join(config.workdir, "demo_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        log.info("wrote the demo report %s and demo_summary.json", os.path.join(config.workdir, "report.md"))
+    multihost.sync("dail_demo_done")
     log.info("DAIL demo done in %.0f s: report at %s", timings["total_s"], os.path.join(config.workdir, "report.md"))
     return summary
 

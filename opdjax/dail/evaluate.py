@@ -17,6 +17,10 @@ rows in the same batches: a paired comparison, and identical weights give identi
 
 Writes workdir/eval/passk.json (everything, pass@k for every k), workdir/eval/passk.md (k vs model,
 one table per budget) and workdir/eval/passk_<budget>.png (the curves on a log2 k axis).
+
+On a pod every process evaluates the same models (checked: `multihost.agree`), samples through the
+boundary (opdjax.eval.budget), and renders and grades its share of the prompts and samples
+(`multihost.map_split`); process 0 writes the reports.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from opdjax import multihost
 from opdjax.data.grading import grade_batch
 from opdjax.data.prompts import Problem
 from opdjax.data.records import PromptDataError, describe_fields, iter_records
@@ -110,7 +115,8 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
             golds.append(letter)
             num_choices.append(len(shown))
             ids.append(p.id)
-    prompt_ids = [list(prompt_ids_fn(t)) for t in texts]
+    # host work split across the processes of a pod (each renders / grades its share; all get all)
+    prompt_ids = multihost.map_split(lambda t: list(prompt_ids_fn(t)), texts, "rendering the prompts")
     rows = [row for row in prompt_ids for _ in range(samples)]
     row_golds = [g for g in golds for _ in range(samples)]
     row_choices = [c for c in num_choices for _ in range(samples)] if num_choices is not None else None
@@ -132,10 +138,8 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
                                        answer_tokens=answer_tokens, settings=settings, key=key, plan=plan,
                                        rows_per_call=rows_per_call, length_multiple=length_multiple,
                                        prompt_len=prompt_len)
-            if kind == "math":
-                correct = grade_batch(res.texts, row_golds)
-            else:
-                correct = choice_lib.grade_choice(res.texts, row_golds, row_choices)
+            correct = np.array(multihost.map_split(_grader(kind), _grading_items(res.texts, row_golds, row_choices),
+                                                   "grading the samples", batched=True), bool)
             correct = correct.reshape(len(problems), samples)
             table = pass_at_k_table(correct, range(1, samples + 1))
             entry = {
@@ -154,6 +158,22 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
         out["models"][name] = per_budget
         del params
     return out
+
+
+def _grading_items(texts, golds, choices) -> list[tuple]:
+    return list(zip(texts, golds, choices if choices is not None else [None] * len(texts)))
+
+
+def _grader(kind: str):
+    """A batched grader over (text, gold, number of choices) items, as `map_split` takes it."""
+    def grade(items):
+        if not items:
+            return []
+        texts, golds, choices = (list(x) for x in zip(*items))
+        if kind == "math":
+            return [bool(c) for c in grade_batch(texts, golds)]
+        return [bool(c) for c in choice_lib.grade_choice(texts, golds, choices)]
+    return grade
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +379,9 @@ def run(config) -> dict:
     tokenizer = load_tokenizer_for(config.model, "model")
     problems = load_eval_problems(config)
     sources = evaluated_models(config, tokenizer)
+    # every process evaluates the same models (a model seen by some processes only would part them)
+    multihost.agree(sorted(sources.items()), "models to evaluate",
+                    fix="every worker must see the same files (shared storage), e.g. workdir/student_hf")
     cfgs = {name: _model_config(src) for name, src in sources.items()}
     plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
     loaders = {name: _loader(src, plan, config.model.dtype) for name, src in sources.items()}
@@ -400,6 +423,8 @@ def run(config) -> dict:
             shuffle_seed=config.seed, rows_per_call=int(e.rows_per_call), callback=on_result)
     summary["model_paths"] = {n: p for n, (_, p) in sources.items()}
     summary["seconds"] = time.perf_counter() - t_start
-    if jax.process_index() == 0:
+    if multihost.is_writer():
         summary["files"] = write_reports(summary, os.path.join(config.workdir, EVAL_DIR))
+        log.info("wrote the pass@k reports %s", os.path.join(config.workdir, EVAL_DIR))
+    multihost.sync("dail_eval_reports")  # the reports are on disk before any process goes on
     return summary

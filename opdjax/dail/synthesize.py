@@ -48,6 +48,16 @@ run would have written for those problems (in a different order in the file) —
 problem list, seed, problems_per_batch, num_samples and the synthesis/prompt settings are the
 same. tau and seed are stored in every line and checked on resume; change the output file to
 synthesise with other settings.
+
+On a pod (several processes, one global mesh) every process reads the problems and the output
+before any process writes (`read_done_everywhere`: the processes check that they read the same
+records, then process 0 alone cuts a torn line), so every process takes the same resume
+decisions. Each batch's prompts go in as global arrays (`multihost.to_global`); the rollout comes
+back whole on every process (`multihost.to_host`: a problem's samples may sit on several
+processes' devices), and the per-problem host work (decoding, answer grading, selection) is split
+across the processes (`multihost.map_split`), every process getting every record. Process 0
+alone appends the lines and writes the summary; the job ends with a barrier, so the output is
+complete on disk when any process goes on.
 """
 from __future__ import annotations
 
@@ -62,7 +72,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.dail import mixed
 from opdjax.dail.config import dail_config
 from opdjax.dail.data import ExpertProblem, load_expert_problems
@@ -177,18 +187,17 @@ def special_ids(tokenizer, model_cfg: ModelConfig, ban_tokens) -> tuple[tuple[in
 
 
 # ------------------------------------------------------------------------------------ output
-def read_done(path: str) -> dict[str, dict]:
+def read_done(path: str, *, cut_torn_line: bool = True) -> dict[str, dict]:
     """The records already in an output file, by id. A torn last line (no newline at the end: a run
-    killed mid-write) is cut off the file; any other unreadable line is an error naming it."""
+    killed mid-write) is ignored and, with `cut_torn_line`, cut off the file; any other unreadable
+    line is an error naming it."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-    if end < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
-        with open(path, "r+b") as f:
-            f.truncate(end)
+    if end < len(data) and cut_torn_line:
+        cut_torn_tail(path)
     done: dict[str, dict] = {}
     for line_no, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not line.strip():
@@ -203,6 +212,35 @@ def read_done(path: str) -> dict[str, dict]:
             raise ValueError(f"{path}:{line_no}: not a synthesis record (no string 'id'); is "
                              "config.synthesis.output another file?")
         done[rec["id"]] = dict(rec, _line=line_no)
+    return done
+
+
+def cut_torn_tail(path: str) -> int:
+    """Cut a torn last line (the bytes after the last newline) off the output; returns how many
+    bytes were cut."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end == len(data):
+        return 0
+    log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+    with open(path, "r+b") as f:
+        f.truncate(end)
+    return len(data) - end
+
+
+def read_done_everywhere(path: str) -> dict[str, dict]:
+    """`read_done` on a pod: every process reads the output (shared storage) before any process
+    writes to it, the processes check that they read the same records (else every one stops,
+    naming the difference), and then process 0 alone cuts a torn last line. So every process takes
+    the same resume decisions."""
+    done = multihost.run_everywhere(lambda: read_done(path, cut_torn_line=False), f"reading {path}")
+    multihost.agree((len(done), multihost.fingerprint(done)),
+                    f"records in the synthesis output {path}")  # a collective: every process has read it
+    if multihost.is_writer():
+        cut_torn_tail(path)
     return done
 
 
@@ -296,14 +334,6 @@ def _round_up(n: int, m: int = PAD_MULTIPLE) -> int:
     return max(m, int(math.ceil(n / m) * m))
 
 
-def _to_host(x) -> np.ndarray:
-    """A rollout output, whole, on every process (multi-host: gathered across processes)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _load_params(section, plan):
     if section.gguf:
         from opdjax.models import gguf_io
@@ -352,9 +382,11 @@ def run(config) -> dict:
     Ps, Pe = _round_up(max(map(len, student_rows))), _round_up(max(map(len, expert_rows)))
 
     out_path = output_path(config)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    os.makedirs(config.workdir, exist_ok=True)
-    done = read_done(out_path)
+    writing = multihost.is_writer()  # process 0 writes the output and the summary
+    if writing:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        os.makedirs(config.workdir, exist_ok=True)
+    done = read_done_everywhere(out_path)
     _check_resumable(out_path, done, tau, seed)
     ids = {p.id for p in problems}
     foreign = [i for i in done if i not in ids]
@@ -374,11 +406,12 @@ def run(config) -> dict:
         plan = sharding.ShardingPlan(mesh)
         params = _load_params(config.model, plan)
         root = jax.random.key(seed)
-        writer = jax.process_index() == 0
-        put = lambda x: sharding.put_global_batch(plan, x, ("batch", "length"))  # noqa: E731
+        # every process holds the whole (small) prompt batch; each device gets its rows
+        put = lambda x: multihost.to_global(plan, x, ("batch", "length"))  # noqa: E731
         progress = metrics_lib.Progress(len(problems), already, enabled=config.metrics.progress)
         t_loop = time.perf_counter()
-        with open(out_path, "a", encoding="utf-8") as out:
+        out = open(out_path, "a", encoding="utf-8") if writing else None
+        try:
             for batch in todo:
                 members = batch + [batch[-1]] * (ppb - len(batch))  # fill: one shape for every call
                 # one prompt row per problem: the rollout prefills it once for its n_samples rows
@@ -387,30 +420,41 @@ def run(config) -> dict:
                 roll = mixed.mixed_rollout(params, put(s_tok), put(s_mask), put(e_tok), put(e_mask),
                                            jax.random.fold_in(root, batch[0]), model_cfg, settings,
                                            pad_id=pad_id, plan=plan, samples=n_samples)
-                tokens, mask, from_expert = (_to_host(x) for x in roll)
-                lines = []
+                # The whole (integer) rollout on every process: a problem's samples may sit on
+                # several processes' devices. Then each process decodes and grades its share of
+                # the problems, and every process gets every record.
+                tokens, mask, from_expert = multihost.to_host(tuple(roll))
                 batch_tokens = int(mask[:len(batch) * n_samples].sum())  # the fill rows not counted
                 generated_tokens += batch_tokens
-                for k, i in enumerate(batch):
+
+                def finish(k_i):
+                    k, i = k_i
                     rows = slice(k * n_samples, (k + 1) * n_samples)
                     p = problems[i]
-                    if p.id in done:
-                        continue  # redone only to draw the batch's other problems exactly
                     samples = decode_samples(tokens[rows], mask[rows], from_expert[rows], tokenizer, stop_ids)
                     kept, selected, num_matched = select(samples, p.answer, on_no_match=s.on_no_match,
                                                          seed=seed, index=i)
-                    rec = make_record(p, hints[i], samples, kept, selected, num_matched, tau=tau, seed=seed)
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                    done[p.id] = rec
-                    processed += 1
-                if writer:
-                    out.writelines(lines)
+                    return make_record(p, hints[i], samples, kept, selected, num_matched, tau=tau, seed=seed)
+
+                # a problem already done is redone only to draw the batch's other problems exactly
+                work = [(k, i) for k, i in enumerate(batch) if problems[i].id not in done]
+                records = multihost.map_split(finish, work, "decoding and grading the synthesised traces")
+                for rec in records:
+                    done[rec["id"]] = rec
+                processed += len(records)
+                if out is not None:
+                    out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
                     out.flush()
                     os.fsync(out.fileno())
                 elapsed = time.perf_counter() - t_loop
                 progress.update(sum(p.id in done for p in problems), tokens=batch_tokens,
                                 extra={"tok/s": generated_tokens / max(elapsed, 1e-9)})
+        finally:
+            if out is not None:
+                out.close()
         progress.close()
+        if writing:
+            log.info("wrote %d trace record(s) to %s", processed, out_path)
 
     wall = time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop if t_loop is not None else 0.0
@@ -421,8 +465,11 @@ def run(config) -> dict:
                "tokens_per_s": generated_tokens / loop_s if loop_s > 0 else None,
                "wall_s": wall, "tau": tau, "seed": seed, "num_samples": n_samples,
                "prompt_widths": {"student": Ps, "expert": Pe}}
-    if jax.process_index() == 0:
+    if writing:
         with open(os.path.join(config.workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+        log.info("wrote the synthesis summary %s", os.path.join(config.workdir, SUMMARY_FILE))
+    # The output is complete on disk before any process goes on (the demo's training reads it).
+    multihost.sync("dail_synthesize_done")
     log.info("synthesis summary: %s", {k: v for k, v in summary.items() if k != "prompt_widths"})
     return summary

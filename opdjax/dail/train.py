@@ -14,6 +14,10 @@ off (no second copy of the weights); with full fine-tuning it is a frozen copy.
 Data order: epoch e visits the traces in permutation rng([seed, e]); step s takes its rows from
 that order, so the batch of step s is a function of s alone and a resumed run continues exactly.
 The last batch of an epoch is topped up with zero-weight rows (nothing is dropped or repeated).
+
+Checkpoints: `checkpoint.every` steps and the last (orbax, every leaf a global array); a re-run
+resumes from the latest (`Checkpointer.restore_latest`). SIGTERM (a preempted VM; on a pod, sent
+to any one worker) saves at a step every process agrees on and returns without the export.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.dail import contrastive
 from opdjax.dail.config import dail_config
 from opdjax.dail.memory import check_fits, estimate_dail_memory
@@ -197,14 +201,35 @@ def make_step(cfg, tx, config, spec: "lora.LoraSpec | None", plan, state_sh=None
 
 
 # ---------------------------------------------------------------------------------- the loop
+def _key_data_global(plan, seed: int) -> jax.Array:
+    """The key of `seed` as a replicated global array (a jitted init on a pod takes global inputs)."""
+    return multihost.to_global(plan, multihost.to_host(jax.random.key_data(jax.random.key(seed))), (None,))
+
+
+def _device_batch(plan, batch, coeff):
+    """The step's host batch (every process holds all of it) as global arrays, rows over the batch
+    shards (the step's in_shardings)."""
+    put = lambda x: multihost.to_global(plan, x, ("batch", "length"))  # noqa: E731
+    return jax.tree.map(put, batch), put(coeff)
+
+
 def run(config) -> dict:
-    """Train; returns a summary (also written to workdir/train_summary.json)."""
+    """Train; returns a summary (also written to workdir/train_summary.json).
+
+    On a pod every process reads the traces and builds the whole (small) host batch of each step;
+    the step's inputs are global arrays; process 0 writes metrics, curves, the summary and the
+    export (a collective all processes join). SIGTERM (a preempted VM) saves a checkpoint at the
+    step every process agrees on, skips the export and returns normally (exit 0); a re-run resumes."""
     t_start = time.perf_counter()
     cfg = validate(config)
-    os.makedirs(config.workdir, exist_ok=True)
+    writing = multihost.is_writer()
+    if writing:
+        os.makedirs(config.workdir, exist_ok=True)
     tok = load_tokenizer_for(config.model, "model")
     stop_id = tok.eos_token_id
-    traces = load_traces(traces_path(config))
+    path = traces_path(config)
+    traces = multihost.run_everywhere(lambda: load_traces(path), f"reading the traces {path}")
+    multihost.agree((len(traces), multihost.fingerprint([r for _, r in traces])), f"traces in {path}")
     data = encode_traces(traces, tok, config.prompts, stop_id, pad_id=cfg.pad_token_id or 0,
                          max_response_tokens=config.train.max_response_tokens)
     n = len(traces)
@@ -229,61 +254,84 @@ def run(config) -> dict:
     state_sh = state_shardings_for(tx, abstract_trainable, trainable_sh, plan)
     ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
                                  keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step()
-    if start is None:
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                            jax.eval_shape(lambda p: init_state(p, tx), abstract_trainable), state_sh)
+    restored = ckpt.restore_latest({"train": abstract})
+    alarms = 0  # steps whose mean negative KL passed train.negative_alarm (kept across a resume)
+    if restored is None:
+        # Every leaf of the state (counters included) is a global array: a pod checkpoints only those.
         if spec is None:
             state = jax.jit(lambda m: init_state(jax.tree.map(jnp.copy, m), tx), out_shardings=state_sh)(base)
         else:
-            adapter = lora.init_lora(cfg, spec, jax.random.key(config.seed), dtype=jnp.float32)
-            state = jax.jit(lambda a: init_state(a, tx), out_shardings=state_sh)(adapter)
+            state = jax.jit(lambda kd: init_state(lora.init_lora(cfg, spec, jax.random.wrap_key_data(kd),
+                                                                 dtype=jnp.float32), tx),
+                            out_shardings=state_sh)(_key_data_global(plan, config.seed))
         start = 0
     else:
-        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                jax.eval_shape(lambda p: init_state(p, tx), abstract_trainable), state_sh)
-        state = ckpt.restore(start, {"train": abstract})[0]["train"]
+        start, tree, meta = restored
+        state = tree["train"]
+        alarms = int(meta.get("negative_alarms", 0))
         log.info("resumed from %s at step %d", ckpt.directory, start)
     step_fn = make_step(cfg, tx, config, spec, plan, state_sh)
 
-    writer = metrics_lib.MetricsWriter(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
+    writer = metrics_lib.writer_for(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
     progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
-    alarms = 0
-    for step in range(start, steps):
-        batch, coeff = take_rows(data, step_rows(step, n, per_step, config.seed))
-        t = time.perf_counter()
-        state, out = step_fn(state, base, batch, coeff)
-        out = jax.device_get(out)  # blocks: one step in flight (CPU collectives)
-        dt = time.perf_counter() - t
-        m = {k: float(v) for k, v in out.items()}
-        tokens = int(np.asarray(batch.response_mask).sum())
-        m.update({"optimizer/learning_rate": float(lr_at(step)), "perf/response_tokens_per_s": tokens / dt,
-                  "timing/step_s": dt, "data/epoch": (step + 1) / math.ceil(n / per_step)})
-        if config.train.negative_alarm and m["loss/kl_negative"] > config.train.negative_alarm:
-            alarms += 1
-            log.warning("step %d: mean negative KL %.3f > train.negative_alarm=%.3f (the student is moving away "
-                        "from the hint context fast; lower train.gamma or the learning rate if this persists)",
-                        step + 1, m["loss/kl_negative"], config.train.negative_alarm)
-        m["loss/negative_alarms"] = alarms
-        writer.write(step + 1, m)
-        progress.update(step + 1, tokens=tokens, extra={"loss": m["loss/total"], "kl+": m["loss/kl_positive"],
-                                                         "kl-": m["loss/kl_negative"]})
-        if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps:
-            writer.flush()  # the metrics of a step reach disk before its checkpoint can complete
-            ckpt.save(step + 1, {"train": state}, {"step": step + 1}, force=True)
+    preempted = False
+    last = start
+    with ckpt_lib.PreemptionGuard() as guard:
+        for step in range(start, steps):
+            batch, coeff = take_rows(data, step_rows(step, n, per_step, config.seed))
+            t = time.perf_counter()
+            state, out = step_fn(state, base, *_device_batch(plan, batch, coeff))
+            # CPU: one step in flight (simulated-device collectives); the metrics are replicated scalars
+            out = multihost.to_host(multihost.block_on_cpu(out))
+            dt = time.perf_counter() - t
+            m = {k: float(v) for k, v in out.items()}
+            tokens = int(np.asarray(batch.response_mask).sum())  # host: the step's NumPy batch
+            m.update({"optimizer/learning_rate": float(lr_at(step)), "perf/response_tokens_per_s": tokens / dt,
+                      "timing/step_s": dt, "data/epoch": (step + 1) / math.ceil(n / per_step)})
+            if config.train.negative_alarm and m["loss/kl_negative"] > config.train.negative_alarm:
+                alarms += 1
+                log.warning("step %d: mean negative KL %.3f > train.negative_alarm=%.3f (the student is moving "
+                            "away from the hint context fast; lower train.gamma or the learning rate if this "
+                            "persists)", step + 1, m["loss/kl_negative"], config.train.negative_alarm)
+            m["loss/negative_alarms"] = alarms
+            writer.write(step + 1, m)
+            progress.update(step + 1, tokens=tokens, extra={"loss": m["loss/total"], "kl+": m["loss/kl_positive"],
+                                                             "kl-": m["loss/kl_negative"]})
+            last = step + 1
+            preempted = guard.should_stop(step + 1)  # the same answer on every process
+            if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps \
+                    or preempted:
+                writer.flush()  # the metrics of a step reach disk before its checkpoint can complete
+                ckpt.save(step + 1, {"train": state}, {"step": step + 1, "negative_alarms": alarms}, force=True)
+            if preempted:
+                log.warning("%s: saved the checkpoint at step %d; exiting cleanly", guard.signal_name or "SIGTERM",
+                            step + 1)
+                break
     progress.close()
     ckpt.wait()
     writer.close()
     ckpt.close()
 
-    summary = {"workdir": config.workdir, "traces": n, "steps": steps, "start_step": start,
+    counters = multihost.to_host({"step": state["step"], "skipped": state["skipped"]})
+    summary = {"workdir": config.workdir, "traces": n, "steps": steps, "start_step": start, "final_step": last,
+               "preempted": preempted,
                "lora": None if spec is None else {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
-               "skipped_updates": int(state["skipped"]), "negative_alarms": alarms}
-    records = [r for r in metrics_lib.read_metrics(os.path.join(config.workdir, "metrics.jsonl")) if "loss/total" in r]
-    if records:
-        summary["first"] = {k: records[0][k] for k in ("loss/kl_positive", "loss/kl_negative")}
-        summary["last"] = {k: records[-1][k] for k in ("loss/kl_positive", "loss/kl_negative")}
-        metrics_lib.plot_curves({"DAIL": records}, ["loss/total", "loss/kl_positive", "loss/kl_negative"],
-                                os.path.join(config.workdir, "curves.png"), title="DAIL contrastive training")
-    if config.checkpoint.export_hf and jax.process_index() == 0:
+               "skipped_updates": int(counters["skipped"]), "negative_alarms": alarms}
+    # process 0 holds the metrics file; every process returns the same summary
+    ends = None
+    if writing:
+        records = [r for r in metrics_lib.read_metrics(os.path.join(config.workdir, "metrics.jsonl"))
+                   if "loss/total" in r]
+        if records:
+            ends = {e: {k: records[i][k] for k in ("loss/kl_positive", "loss/kl_negative")}
+                    for e, i in (("first", 0), ("last", -1))}
+            metrics_lib.plot_curves({"DAIL": records}, ["loss/total", "loss/kl_positive", "loss/kl_negative"],
+                                    os.path.join(config.workdir, "curves.png"), title="DAIL contrastive training")
+    summary.update(multihost.broadcast_object(ends) or {})
+    if config.checkpoint.export_hf and not preempted:
+        # collectives (the params are gathered): every process calls them, process 0 writes
         out = os.path.join(config.workdir, "student_hf")
         tok_dir = config.model.path or None
         if spec is None:
@@ -291,10 +339,17 @@ def run(config) -> dict:
             hf_io.save_pretrained(state["params"], cfg, out, tokenizer=tok_dir)
         else:
             lora.export_merged(base, state["params"], spec, cfg, out, tok_dir)
-            lora.save_adapter(state["params"], spec, os.path.join(config.workdir, "adapter"))
+            adapter_dir = os.path.join(config.workdir, "adapter")
+            lora.save_adapter(state["params"], spec, adapter_dir)
+            if writing:
+                log.info("wrote the LoRA adapter %s", adapter_dir)
         summary["exported"] = out
     summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if writing:
+        with open(os.path.join(config.workdir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log.info("wrote the training summary %s", os.path.join(config.workdir, "train_summary.json"))
+    # the export and the summary are on disk before any process goes on (the demo's evaluation reads them)
+    multihost.sync("dail_train_done")
     summary["final_params"] = state["params"]
-    with open(os.path.join(config.workdir, "train_summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "final_params"}, f, indent=2)
     return summary

@@ -15,6 +15,11 @@ Both run in fixed shapes: `rows_per_call` rows per call (the last chunk is fille
 its last row, whose results are dropped) and a prompt length rounded up to `length_multiple`, so
 one compilation serves every chunk, and every model of one architecture.
 
+On a pod each process pads, feeds and reads back only the rows its devices hold
+(`multihost.feeding_rows` / `from_local_rows` / `rows_of`); the generated ids are gathered (small
+lists), so every process builds the same forced call, and the decoding is split across the
+processes (`multihost.map_split`). Every process returns the whole result.
+
 Randomness: chunk c of call 1 draws with fold_in(fold_in(key, 0), c), of call 2 with
 fold_in(fold_in(key, 1), c). Results depend on the key, the rows and `rows_per_call`, so two models
 evaluated with the same key and rows get the same random numbers (a paired comparison).
@@ -27,7 +32,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from opdjax import sharding
+from opdjax import multihost
 from opdjax.data.prompts import left_pad
 from opdjax.rollout.sampler import SamplingSettings, sample
 
@@ -48,20 +53,28 @@ def _round_up(x: int, multiple: int) -> int:
 
 def _sample_rows(params, cfg, rows: Sequence[Sequence[int]], settings: SamplingSettings, key, *, plan,
                  pad_id: int, rows_per_call: int, length: int):
-    """(ids, stopped) per row: the tokens `sample` generated after each row, in fixed-shape calls."""
+    """(ids, stopped) per row, on every process: the tokens `sample` generated after each row, in
+    fixed-shape calls. Each process pads, feeds and reads back only the rows its devices hold
+    (`multihost.feeding_rows` / `rows_of`); the (small) token lists are then gathered, so that
+    every process can build the forced call and its share of the decoding."""
     out_ids, out_stopped = [], []
     stops = set(settings.stop_ids)
+    names = ("batch", "length")
+    shape = (rows_per_call, length)
+    mine = multihost.feeding_rows(plan, shape, names)
     for chunk_index, start in enumerate(range(0, len(rows), rows_per_call)):
-        chunk = [list(r) for r in rows[start:start + rows_per_call]]
-        n_real = len(chunk)
-        chunk += [chunk[-1]] * (rows_per_call - n_real)  # fill the fixed batch; results dropped
-        tok, mask = left_pad(chunk, pad_id, length=length)
-        r = sample(params, sharding.put_global_batch(plan, tok, ("batch", "length")),
-                   sharding.put_global_batch(plan, mask, ("batch", "length")),
+        n_real = min(rows_per_call, len(rows) - start)
+        # fill the fixed batch with copies of the chunk's last row; their results are dropped
+        members = [start + min(i, n_real - 1) for i in range(rows_per_call)]
+        tok, mask = left_pad([list(rows[members[i]]) for i in mine], pad_id, length=length)
+        r = sample(params, multihost.from_local_rows(plan, tok, names, shape),
+                   multihost.from_local_rows(plan, mask, names, shape),
                    jax.random.fold_in(key, chunk_index), cfg, settings, pad_id=pad_id, plan=plan)
-        toks, real = np.asarray(r.tokens), np.asarray(r.mask)
+        toks, real = multihost.rows_of((r.tokens, r.mask), mine)
+        got = {i: [int(t) for t in tk[m]] for i, tk, m in zip(mine.tolist(), toks, real) if i < n_real}
+        merged = {i: ids for part in multihost.gather_objects(got) for i, ids in part.items()}
         for i in range(n_real):
-            ids = [int(t) for t in toks[i][real[i]]]
+            ids = merged[i]
             out_ids.append(ids)
             out_stopped.append(bool(ids) and ids[-1] in stops)
     return out_ids, out_stopped
@@ -117,14 +130,17 @@ def generate_with_budget(params, cfg, tokenizer, prompt_ids: Sequence[Sequence[i
                                pad_id=pad_id, rows_per_call=rows_per_call, length=L)
         continuation = dict(zip(forced_rows, cont))
 
-    texts, token_ids = [], []
-    for i, g in enumerate(gen):
+    def finish(i):
+        g = gen[i]
         text = tokenizer.decode(g, skip_special_tokens=True)
         if i in continuation:
             # Decoded piece by piece, so the forced text appears verbatim (a joint decode could merge
             # or clean up spaces across the seams).
             text += forced_answer + tokenizer.decode(continuation[i], skip_special_tokens=True)
             g = g + forced_ids + continuation[i]
-        texts.append(text)
-        token_ids.append(g)
+        return text, g
+
+    # every process decodes its share of the rows; every process gets every text
+    decoded = multihost.map_split(finish, range(len(gen)), "decoding the budgeted samples")
+    texts, token_ids = [t for t, _ in decoded], [g for _, g in decoded]
     return BudgetResult(texts, token_ids, forced, thinking_tokens)

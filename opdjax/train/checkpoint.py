@@ -3,12 +3,14 @@
 Layout of a checkpoint directory (one per run, usually ``workdir/checkpoints``)::
 
     OPDJAX_CHECKPOINTS          marker: this directory holds opdjax checkpoints (JSON)
+    OPDJAX_CHECKPOINTS_RUN      a pod's start-up nonce (see "Shared directory" below)
     <step>/                     one orbax step, e.g. 50/
         _CHECKPOINT_METADATA    orbax step metadata (item handlers, init/commit timestamps)
         commit_success.txt      orbax's finalization marker (see "Completeness" below)
         state/                  the pytree: params, opt_state, step, rng (OCDBT/zarr, sharded)
         meta/metadata           small JSON dict: data position, epoch, config snapshot, times...
     <step>.orbax-checkpoint-tmp an in-progress (or interrupted) save; never a checkpoint
+    <step>.damaged              a step that failed verification on resume, set aside (see below)
 
 Completeness. Orbax writes every save into ``<step>.orbax-checkpoint-tmp`` and finalizes it
 either by an atomic rename to ``<step>`` (local/POSIX file systems; it writes
@@ -32,37 +34,88 @@ puts every array on that sharding, whatever mesh it was saved from. Structure, s
 dtypes are checked against the checkpoint's metadata first: a mismatch raises
 `CheckpointMismatchError` naming the first differing key path and both shapes.
 
+Damaged checkpoints. A complete step can still be damaged later (a truncated or deleted file: a
+disk that filled up, a partial copy or rsync, a bucket lifecycle rule). Orbax only finds out
+halfway through reading the arrays, and then fails with a raw tensorstore error while the reads
+still in flight report dozens of "Event loop is closed" errors (orbax runs each restore in a
+fresh asyncio loop, ``asyncio_utils.run_sync``, and closes it when the first read fails; the
+later tensorstore callbacks then hit the closed loop and land in ``sys.unraisablehook``). So
+every restore first *verifies* the step without reading the arrays: the JSON files parse, the
+tree metadata reads, and every byte range the OCDBT index of ``state/`` references
+(``tensorstore.ocdbt.dump``: manifest -> b-tree nodes -> values) lies inside a file that
+exists (one one-byte read at the end of each data file; the index nodes themselves carry
+checksums). Only then does orbax read, and a failure there (damage the index cannot show, e.g.
+overwritten bytes) is caught too, with that noise filtered out (`_quiet_closed_event_loop_noise`).
+`Checkpointer.restore_latest` walks back from the newest step to the newest intact one, logs a
+warning naming the steps that are lost and the step it resumes from, and renames the damaged
+ones ``<step>.damaged`` (``.damaged.1``, ... if taken). Renamed, not deleted: a damaged step may
+still be repairable or be evidence of what went wrong, and deleting a user's data is not ours to
+decide; the name is invisible to orbax's step listing (and accepted by the directory check), so
+the resumed run saves those step numbers again. (Where the store cannot rename a directory, it
+is deleted instead, with a warning: left in place it would block saving that step again.) When
+no step is intact, nothing is renamed and a one-line `CheckpointError` names the directory, the
+damaged steps and the fix (delete them or use a new workdir): silently restarting from step 0
+would throw the run away.
+
+Pods (several processes, one shared directory). Restore, verification and the fallback are
+collective: every process verifies, the outcomes are gathered (`opdjax.multihost`), and the
+processes move on to an older step together. Orbax's ``CheckpointManager.restore`` ends in a
+global barrier (``Checkpointer.restore`` -> ``sync_global_processes``): a process that raised
+inside it would leave the others waiting there forever, so the arrays are read through the item
+handlers directly (no barrier inside) and only then do the processes agree on the outcome.
+Shared directory: process 0 creates the directory and the marker and writes a fresh nonce into
+``OPDJAX_CHECKPOINTS_RUN``; every other process must read the same nonce there. A directory
+that is not shared (a local path on each worker, or a relative path resolved against different
+working directories) otherwise shows up much later as a save that never completes; here every
+process stops at start-up with a `CheckpointError` naming the processes that cannot see it.
+
 Preemption. `PreemptionGuard` turns SIGTERM (and optionally SIGINT) into a flag the loop polls
 after each step (``guard.should_stop(step)``), then saves, waits and exits 0. On a multi-host
 TPU slice with ``jax.distributed`` initialized, JAX's preemption service owns SIGTERM and
 agrees across hosts on the step at which everyone saves; there the guard installs no SIGTERM
 handler and asks ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``
 instead, so all hosts stop at the same step (a host-local flag would let one host start a
-collective save the others never join).
+collective save the others never join). JAX starts that service by default
+(``jax_enable_preemption_service``); with it off, the guard ORs its own flag across the
+processes each step. Both paths are tested with SIGTERM on one of 2 CPU processes
+(tests/test_pod_checkpoint.py): every process saves the same step and exits 0.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 import time
+import urllib.parse
+import uuid
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from etils import epath
 
+from opdjax import multihost
+
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "OPDJAX_CHECKPOINTS"
+RUN_FILE = "OPDJAX_CHECKPOINTS_RUN"  # a pod's start-up nonce: proves the directory is shared
 FORMAT_NAME = "opdjax.orbax"
 FORMAT_VERSION = 1
 COMMIT_FILE = "commit_success.txt"  # orbax: atomicity_types.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax: atomicity_types.TMP_DIR_SUFFIX
+DAMAGED_SUFFIX = ".damaged"  # <step>.damaged: set aside by restore_latest; orbax's listing skips it
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 ITEMS = ("state", "meta")
+# How long a process waits for process 0's nonce to show up in the directory before it declares
+# the directory not shared (NFS attribute caches can lag a second or two). Kept short: process 0
+# waits meanwhile in a collective, and simulated CPU collectives abort after a few seconds.
+SHARED_DIR_WAIT_S = 2.0
+_DAMAGED_RE = re.compile(r"^\d+" + re.escape(DAMAGED_SUFFIX) + r"(\.\d+)?$")
 
 
 class CheckpointError(ValueError):
@@ -77,6 +130,15 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's pytree differs (structure, shape or dtype) from the state to restore."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A complete checkpoint step that cannot be read back (a truncated or missing file, ...)."""
+
+    def __init__(self, message: str, step: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.reason = reason if reason is not None else message
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _is_primary() -> bool:
@@ -87,6 +149,178 @@ def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def _short(e: BaseException | str, limit: int = 300) -> str:
+    """An error as one short line (tensorstore's messages carry source locations and newlines)."""
+    text = e if isinstance(e, str) else (str(e) or type(e).__name__)
+    text = text.split(" [source locations=")[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _failures(problem: str | None) -> list[tuple[int, str]]:
+    """Collective on a pod: [(process, problem)] for every process whose `problem` is not None,
+    the same list on every process (so that all of them take the same branch next)."""
+    problems = multihost.gather_objects(problem) if jax.process_count() > 1 else [problem]
+    return [(p, m) for p, m in enumerate(problems) if m is not None]
+
+
+def _where(failed: list[tuple[int, str]]) -> str:
+    """'(process 1) ' on a pod, '' on one process: which process saw a problem."""
+    if jax.process_count() <= 1 or not failed:
+        return ""
+    return f"(process{'es' if len(failed) > 1 else ''} {', '.join(str(p) for p, _ in failed)}) "
+
+
+def _raise_on_all(error: BaseException | None) -> None:
+    """Collective on a pod: when any process has an error, every process raises (the failing one
+    its own exception; the others the same CheckpointError subclass with the same message, naming
+    the process), so none is left waiting in a later collective. One process: raise `error`."""
+    if jax.process_count() <= 1:
+        if error is not None:
+            raise error
+        return
+    failed = [(p, e) for p, e in enumerate(multihost.gather_objects(
+        None if error is None else (type(error).__name__, str(error)))) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        p, (kind, msg) = failed[0]
+        cls = globals().get(kind)
+        if isinstance(cls, type) and issubclass(cls, CheckpointError):
+            raise cls(f"{msg} (on process {p})")
+        raise CheckpointError(f"{kind} on process {p}: {msg}")
+
+
+def _error_of(fn) -> BaseException | None:
+    """The exception `fn()` raises, or None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- handed to _raise_on_all
+        return e
+    return None
+
+
+def _read_json(path: epath.Path):
+    return json.loads(path.read_text())
+
+
+def _kvstore_url(path: epath.Path) -> str:
+    """A tensorstore kvstore URL for a directory (local path or gs://...), with a trailing slash."""
+    s = os.fspath(path)
+    if "://" not in s:
+        s = "file://" + os.path.abspath(s)
+    return s.rstrip("/") + "/"
+
+
+_REF_KINDS = ("btreenode:", "versionnode:", "value:")
+
+
+def _ocdbt_refs(obj, out: list[str]) -> list[str]:
+    """Every location string (``kind:base:path:offset:length``) anywhere in an ocdbt.dump result."""
+    if isinstance(obj, str):
+        if obj.startswith(_REF_KINDS):
+            out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _ocdbt_refs(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _ocdbt_refs(v, out)
+    return out
+
+
+def _parse_ref(ref: str) -> tuple[str, str, int, int]:
+    """'value:ocdbt.process_0/:d/ab12:0:8288' -> ('value', 'ocdbt.process_0/d/ab12', 0, 8288)."""
+    kind, rest = ref.split(":", 1)
+    base, rel, offset, length = rest.rsplit(":", 3)
+    return kind, urllib.parse.unquote(base) + urllib.parse.unquote(rel), int(offset), int(length)
+
+
+def _ocdbt_problem(state_dir: epath.Path) -> str | None:
+    """Why the OCDBT database in `state_dir` cannot be read in full, or None (also when `state_dir`
+    is not an OCDBT database: then there is no index to check against). Reads the manifest and
+    every b-tree node (they carry checksums) and one byte at the end of each data file: every
+    byte range the index references must lie inside a file that exists. No array data is read."""
+    if not (state_dir / "manifest.ocdbt").exists():
+        return None
+    import tensorstore as ts
+
+    try:
+        kv = ts.KvStore.open(_kvstore_url(state_dir)).result()
+        pending = _ocdbt_refs(ts.ocdbt.dump(kv).result(), [])
+    except Exception as e:  # noqa: BLE001 -- reported as damage
+        return f"its OCDBT manifest (state/manifest.ocdbt) is unreadable: {_short(e)}"
+    ends: dict[str, int] = {}  # data file (relative to state/) -> the largest end offset it must have
+    seen: set[str] = set()
+    while pending:
+        ref = pending.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        try:
+            kind, path, offset, length = _parse_ref(ref)
+        except ValueError:
+            continue  # a location format we do not know: orbax's own read will judge it
+        ends[path] = max(ends.get(path, 0), offset + length)
+        if kind in ("btreenode", "versionnode"):
+            try:
+                pending.extend(_ocdbt_refs(ts.ocdbt.dump(kv, ref).result(), []))
+            except Exception as e:  # noqa: BLE001
+                return f"its OCDBT index node state/{path} is unreadable: {_short(e)}"
+    for path, end in sorted(ends.items()):
+        if end <= 0:
+            continue
+        try:
+            got = kv.read(path, byte_range=slice(end - 1, end)).result()
+        except Exception as e:  # noqa: BLE001 -- OUT_OF_RANGE: the file is shorter than its index says
+            try:
+                have = f"it has {(state_dir / path).stat().length} bytes"
+            except Exception:  # noqa: BLE001 -- the size is a detail; tensorstore's message says it too
+                have = _short(e, 120)
+            return f"state/{path} is truncated: the OCDBT index needs {end} bytes, {have}"
+        if got.state != "value":
+            return f"state/{path} is missing (the OCDBT index references {end} bytes in it)"
+    return None
+
+
+def _orphaned_orbax_read(unraisable) -> bool:
+    """True for the unraisable reports a failed orbax restore leaves behind (see below)."""
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine object
+    return (code is not None and code.co_name == "_read_array_index_and_device_put"
+            and "orbax" in code.co_filename)
+
+
+def _quiet_closed_event_loop_noise() -> None:
+    """Filter out the reports a failed orbax read leaves behind for its orphaned shard reads.
+
+    Orbax runs each restore in a fresh asyncio loop and closes it as soon as one read fails. The
+    tensorstore reads still in flight then complete into the closed loop (``call_soon_threadsafe``
+    from tensorstore's threads: RuntimeError 'Event loop is closed'), and the per-shard read
+    coroutines left suspended are closed when collected (orbax's ``except BaseException`` turns
+    their GeneratorExit into "Encountered error while reading array index ...": "Exception ignored
+    in <coroutine object _read_array_index_and_device_put>"). Python reports each as an
+    unraisable exception: dozens of tracebacks that bury the one error that matters, which the
+    restore itself raised. Only exactly those are dropped (the RuntimeError raised in asyncio's
+    ``_check_closed``; a report whose object is orbax's ``_read_array_index_and_device_put``
+    coroutine); everything else goes to the previous hook. Installed once, for the rest of the
+    process: the late reports arrive whenever the orphaned reads finish or are collected."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_opdjax_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _orphaned_orbax_read(unraisable):
+            previous(unraisable)
+
+    hook._opdjax_quiet = True
+    sys.unraisablehook = hook
 
 
 def _key_str(k) -> str:
@@ -161,10 +395,15 @@ class Checkpointer:
         self._dir = epath.Path(self.directory)
         self.keep = keep
         self.async_save = async_save
-        self._check_directory()
-        if _is_primary():
+        # On a pod every step here is collective: an error on one process is raised on all of
+        # them, so that none is left waiting for the others in the next collective.
+        _raise_on_all(_error_of(self._check_directory))
+        if jax.process_count() > 1:
+            self._check_shared()
+        elif _is_primary():
             self._dir.mkdir(parents=True, exist_ok=True)
             self._write_marker()
+        if _is_primary():
             self._remove_incomplete_steps()
         _sync("opdjax_checkpointer_init")
         self._ocp = ocp
@@ -214,9 +453,13 @@ class Checkpointer:
         for p in sorted(self._dir.iterdir(), key=lambda q: q.name):
             name = p.name
             base = name.split(TMP_SUFFIX)[0]
+            if name == RUN_FILE:
+                continue
             if base.isdigit() and p.is_dir():
                 if TMP_SUFFIX in name or all((p / item).is_dir() for item in ITEMS):
                     continue
+            if _DAMAGED_RE.match(name) and p.is_dir():  # set aside by restore_latest
+                continue
             foreign.append(name)
         if foreign:
             shown = ", ".join(repr(n) for n in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -231,6 +474,62 @@ class Checkpointer:
             return
         marker.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "items": list(ITEMS),
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+
+    def _check_shared(self) -> None:
+        """Pod start-up: process 0 creates the directory and the marker and writes a fresh nonce
+        into RUN_FILE; every process must then read that nonce there. Raises the same
+        CheckpointError on every process when some cannot (collective)."""
+        nonce, error = None, None
+        if _is_primary():
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+                self._write_marker()
+                nonce = uuid.uuid4().hex
+                # The nonce is rewritten every start: a file left by an earlier run must not pass.
+                (self._dir / RUN_FILE).write_text(json.dumps({
+                    "nonce": nonce, "processes": jax.process_count(), "directory_on_process_0": self.directory,
+                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+            except Exception as e:  # noqa: BLE001 -- raised below, on every process
+                error = f"process 0 cannot create {self.directory} and its {MARKER_FILE} marker: {_short(e)}"
+        # process 0 wrote before joining this collective: the others look only after it
+        nonce, error = multihost.broadcast_object((nonce, error))
+        if error is not None:
+            raise CheckpointError(f"{error}. Check the path and its permissions (config.checkpoint.directory).")
+        seen = self._read_nonce(nonce)
+        views = multihost.gather_objects((seen, self.directory))
+        blind = [(p, what) for p, (what, _) in enumerate(views) if what is not None]
+        if not blind:
+            return
+        paths = [d for _, d in views]
+        where = (f"{paths[0]}" if len(set(paths)) == 1 else
+                 "(" + "; ".join(f"process {p}: {d}" for p, d in enumerate(paths)) + ")")
+        who = ", ".join(f"process {p} ({what})" for p, what in blind)
+        relative = (" The processes resolve it to different paths: a relative path is taken from each "
+                    "worker's working directory; give an absolute one." if len(set(paths)) > 1 else "")
+        raise CheckpointError(
+            f"the checkpoint directory {where} is not shared by the {len(views)} processes of this job: "
+            f"{who} cannot see what process 0 wrote there ({RUN_FILE}).{relative} The checkpoint directory "
+            f"must be shared storage visible from every worker (e.g. a gs:// bucket or an NFS mount); set "
+            f"config.checkpoint.directory (or config.workdir) to such a path.")
+
+    def _read_nonce(self, nonce: str) -> str | None:
+        """None when RUN_FILE holds `nonce` (waiting up to SHARED_DIR_WAIT_S for it to appear);
+        else what this process sees instead."""
+        path = self._dir / RUN_FILE
+        deadline = time.monotonic() + SHARED_DIR_WAIT_S
+        delay = 0.05
+        while True:
+            try:
+                got = json.loads(path.read_text()).get("nonce")
+                what = None if got == nonce else f"another run's {RUN_FILE} there"
+            except FileNotFoundError:
+                what = "no such directory" if not self._dir.exists() else f"no {RUN_FILE} there"
+            except Exception as e:  # noqa: BLE001 -- a half-written or unreadable file
+                what = f"{RUN_FILE} unreadable: {_short(e, 120)}"
+            if what is None or time.monotonic() >= deadline:
+                return what
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
     def _step_dir(self, step: int) -> epath.Path:
         return self._dir / str(int(step))
@@ -311,10 +610,11 @@ class Checkpointer:
 
         `abstract_state` is a pytree of ``jax.ShapeDtypeStruct`` carrying ``.sharding`` (any mesh:
         the saved one need not match). Returns ``(state, meta)``. Raises `CheckpointMismatchError`
-        when structure/shapes (or dtypes, unless `allow_dtype_cast`) differ from the checkpoint.
+        when structure/shapes (or dtypes, unless `allow_dtype_cast`) differ from the checkpoint, and
+        `DamagedCheckpointError` when the step cannot be read back (see "Damaged checkpoints"; no
+        fallback here: `restore_latest` falls back). On a pod: call on every process, same step.
         """
         self._check_open()
-        ocp = self._ocp
         self._mngr.wait_until_finished()
         if step is None:
             step = self.latest_step()
@@ -325,33 +625,154 @@ class Checkpointer:
             have = self.all_steps()
             raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}; "
                                     f"complete steps: {have or 'none'}")
-        for item in ITEMS:
-            if not (self._step_dir(step) / item).is_dir():
-                raise NotACheckpointDirError(
-                    f"{self._step_dir(step)} has no '{item}' item: it was not written by opdjax's "
-                    f"Checkpointer; use a new workdir.")
+        return self._restore_step(step, abstract_state, allow_dtype_cast=allow_dtype_cast)
+
+    def restore_latest(self, abstract_state):
+        """(step, state, meta) of the newest intact checkpoint, or None when there is none.
+
+        A damaged newer step is skipped with a warning (its steps will be trained again) and set
+        aside as ``<step>.damaged``, so that the resumed run can save that step again. When every
+        step is damaged: a one-line `CheckpointError` (nothing renamed). Collective on a pod.
+        """
+        self._check_open()
+        self._mngr.wait_until_finished()
+        steps = self.all_steps()
+        if jax.process_count() > 1:  # one list for all: process 0's view of the directory
+            steps = multihost.broadcast_object(steps)
+        lost: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                state, meta = self._restore_step(step, abstract_state)
+            except DamagedCheckpointError as e:
+                log.warning("checkpoint step %d in %s is damaged and cannot be restored: %s", step, self.directory,
+                            e.reason)
+                lost.append((step, e.reason))
+                continue
+            if lost:
+                moved = self._set_aside([s for s, _ in lost])
+                log.warning(
+                    "resuming from checkpoint step %d, the newest intact one in %s: the damaged step(s) %s are "
+                    "lost and the steps after %d will be trained again; set aside as %s (inspect or delete them)",
+                    step, self.directory, ", ".join(str(s) for s, _ in lost), step, ", ".join(moved))
+            return step, state, meta
+        if lost:
+            detail = "; ".join(f"step {s}: {_short(r, 160)}" for s, r in lost[:3])
+            more = f"; and {len(lost) - 3} more" if len(lost) > 3 else ""
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: every step there is damaged ({detail}{more}). "
+                f"Delete the damaged step directories ({', '.join(str(s) for s, _ in lost)}) to start from "
+                f"scratch there, or start with a new workdir (config.workdir / config.checkpoint.directory).")
+        return None
+
+    # -- verification and the collective read --------------------------------------------
+
+    def _verify_step(self, step: int) -> str | None:
+        """Why step `step` cannot be restored, or None when it looks intact. Reads only metadata
+        and the OCDBT index, plus one byte at the end of each data file (see the module doc)."""
+        d = self._step_dir(step)
+        try:
+            if not d.is_dir():
+                return "its directory is gone"
+            if not self._is_complete_dir(d):
+                return f"it is incomplete (no {COMMIT_FILE})"
+            for item in ITEMS:
+                if not (d / item).is_dir():
+                    return f"its '{item}' item is missing ({d / item})"
+            for rel in (STEP_METADATA_FILE, "meta/metadata", "state/_METADATA"):
+                f = d / rel
+                if rel == STEP_METADATA_FILE and not f.exists():
+                    continue  # optional for orbax; the commit marker was checked above
+                try:
+                    _read_json(f)
+                except FileNotFoundError:
+                    return f"{rel} is missing"
+                except (OSError, ValueError) as e:
+                    return f"{rel} is unreadable ({_short(e, 120)})"
+            try:
+                self._saved_signature(step)
+            except Exception as e:  # noqa: BLE001
+                return f"its tree metadata is unreadable ({_short(e, 160)})"
+            return _ocdbt_problem(d / "state")
+        except Exception as e:  # noqa: BLE001 -- an I/O error while looking is damage too
+            return _short(e)
+
+    def _read(self, step: int, abstract_state):
+        """The arrays and the meta dict of `step`, read through the item handlers directly:
+        ``CheckpointManager.restore`` would end in a global barrier that a process which failed
+        here would never reach (see "Pods" in the module doc)."""
+        ocp = self._ocp
+        d = self._step_dir(step)
+        _quiet_closed_event_loop_noise()
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            state = handler.restore(d / "state", args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
+        meta = ocp.JsonCheckpointHandler().restore(d / "meta", args=ocp.args.JsonRestore())
+        return jax.block_until_ready(state), dict(meta or {})
+
+    def _restore_step(self, step: int, abstract_state, *, allow_dtype_cast: bool = False):
+        """Verify, check and read `step` on every process; the processes agree on each outcome, so
+        all of them raise the same error (DamagedCheckpointError, CheckpointMismatchError) or all
+        return. `step` must be the same on every process."""
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
             if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
                 raise ValueError(
                     f"abstract_state leaf '{_show_path(_norm_path(path))}' has no sharding: give every "
                     f"jax.ShapeDtypeStruct the sharding it should be restored onto (e.g. a NamedSharding "
                     f"of the current mesh, or SingleDeviceSharding(jax.devices()[0])).")
-        self._check_matches(step, abstract_state, allow_dtype_cast=allow_dtype_cast)
-        restored = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-        )
-        state = restored["state"]
-        state = jax.block_until_ready(state)
-        return state, dict(restored["meta"] or {})
+        failed = _failures(self._verify_step(step))
+        if not failed:
+            # a config mismatch is not damage: it must stop the run, not skip to an older step
+            _raise_on_all(_error_of(lambda: self._check_matches(step, abstract_state,
+                                                                allow_dtype_cast=allow_dtype_cast)))
+            state = meta = problem = None
+            try:
+                state, meta = self._read(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 -- damage the index did not show (e.g. overwritten bytes)
+                root = e
+                while root.__cause__ is not None:  # orbax wraps tensorstore's error in a long repr
+                    root = root.__cause__
+                problem = f"reading its arrays failed: {_short(root)}"
+            failed = _failures(problem)
+        if failed:
+            reason = _where(failed) + failed[0][1]
+            raise DamagedCheckpointError(
+                f"checkpoint step {step} in {self.directory} is damaged: {reason}. Delete {self._step_dir(step)} "
+                f"(Checkpointer.restore_latest falls back to an older step by itself).", step=step, reason=reason)
+        return state, meta
 
-    def restore_latest(self, abstract_state):
-        """(step, state, meta) of the latest checkpoint, or None when there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        state, meta = self.restore(step, abstract_state)
-        return step, state, meta
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Rename damaged steps to ``<step>.damaged`` (process 0; deleted if renaming fails), so
+        that neither orbax nor a later run takes them for checkpoints and the steps can be saved
+        again. Returns the new names (the same on every process). Collective on a pod."""
+        moved, error = [], None
+        if _is_primary():
+            for step in steps:
+                src = self._step_dir(step)
+                dst = self._dir / f"{step}{DAMAGED_SUFFIX}"
+                n = 0
+                while dst.exists():
+                    n += 1
+                    dst = self._dir / f"{step}{DAMAGED_SUFFIX}.{n}"
+                try:
+                    src.rename(dst)
+                    moved.append(os.fspath(dst))
+                except Exception as e:  # noqa: BLE001 -- e.g. a store without directory renames
+                    log.warning("cannot rename the damaged checkpoint %s (%s); deleting it instead", src, _short(e))
+                    try:
+                        src.rmtree(missing_ok=True)
+                        moved.append(f"{src} (deleted)")
+                    except Exception as e2:  # noqa: BLE001
+                        error = (f"cannot set aside the damaged checkpoint {src}: renaming failed ({_short(e)}) and "
+                                 f"deleting failed ({_short(e2)}); delete it by hand and restart")
+                        break
+        if jax.process_count() > 1:
+            moved, error = multihost.broadcast_object((moved, error))
+        if error is not None:
+            raise CheckpointError(error)
+        self._mngr.reload()  # orbax caches its step list
+        return moved
 
     def _saved_signature(self, step: int) -> dict[tuple[str, ...], tuple]:
         md = self._mngr.item_metadata(step)["state"]
