@@ -1,6 +1,6 @@
 """opdjax: strong-to-weak on-policy distillation (release rule) and DAIL, in JAX/Flax.
 
-Install (plain pip, fresh machine):   pip install -e '.[test]'
+Install (plain pip, fresh machine):   pip install -e '.[test]'   (a TPU VM: '.[tpu]')
 The pins below are the versions measured to install and work together on our CPU
 machines (see ../shared/design/ENVIRONMENT.md); bump them together, never one alone.
 """
@@ -48,7 +48,13 @@ TEST = [
     "nbclient==0.11.0",
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
+    # the TPU compiler: tests/test_aot.py compiles every phase for TPU topologies on a CPU machine
+    "libtpu==0.0.42.1",
 ]
+
+# On a TPU VM: pip install -e '.[tpu]' (the gcloud script and the Colab notebook do). jax[tpu]
+# brings libtpu, the TPU runtime and compiler; `job=compile` uses it on any host.
+TPU = ["jax[tpu]==0.10.2"]
 
 setup(
     name="opdjax",
@@ -60,5 +66,5 @@ setup(
                             "assets/toy_dail/*/*"]},
     include_package_data=True,
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "tpu": TPU},
 )

@@ -9,9 +9,12 @@ r"""DAIL step 1 for a non-thinking model: Qwen2.5-7B-Instruct rewrites expert so
 Resumable: re-running skips problems already in traces.jsonl. No end-of-thinking token exists
 in this model's vocabulary, so nothing is banned.
 
-Memory (opdjax.dail.memory with the Qwen2.5-7B-Instruct preset; tests/test_dail_memory.py):
-~9 GiB per chip at peak — the weights fsdp-sharded over 4 chips and the two KV caches of
-32 rows x 4,096 slots. Not run here (no TPU on our CI machine); times are not measured.
+Memory per chip, compiled for v5p:2x2x1 by the TPU compiler (`--config.job=compile`,
+bench/results/compile/): 10.5 GiB for the mixed rollout — the weights fsdp-sharded over 4 chips
+(3.6 GiB), the two KV caches of 32 rows x 4,096 slots, a second copy of them while decoding, and
+the gathered unembedding. The hand estimate (opdjax.dail.memory; tests/test_dail_memory.py): ~13
+GiB. Roofline estimate (published v5p peaks, not measured): ~93 s per problem (32 traces of 2,048
+tokens), bound by the fsdp weight all-gathers of every decode step. Not run on a TPU here.
 """
 from opdjax.dail.config import dail_config
 
@@ -26,6 +29,8 @@ def get_config(arg=None):
     c.workdir = "runs/dail_qwen2p5_7b"
     c.chip = "v5p"
     c.mesh.shape = (1, -1, 1)  # fsdp over the 4 chips
+    c.compile.model = MODEL  # job=compile needs no checkpoint
+    c.compile.topology = "v5p:2x2x1"  # job=compile: the slice above (bench/results/compile/)
     c.model.path = ""  # --config.model.path=<Qwen2.5-7B-Instruct HF checkpoint dir>
     c.model.dtype = "bfloat16"
 

@@ -7,8 +7,11 @@ r"""DAIL step 2 for a non-thinking model: contrastive LoRA training of Qwen2.5-7
 The authors' recipe with 5 epochs (non-thinking): LoRA r = alpha = 32 on all projections, AdamW
 lr 2e-4, 5 warm-up steps then linear decay, weight decay 0.01, 16 sequences per step, gamma 0.1.
 
-Memory (opdjax.dail.memory, Qwen2.5-7B-Instruct preset; tests/test_dail_memory.py): ~10 GiB
-per chip at peak with 4 microbatches of 4 sequences x 4,096 tokens. Not run here.
+Memory per chip, compiled for v5p:2x2x1 by the TPU compiler (`--config.job=compile`,
+bench/results/compile/): 8.6 GiB for the contrastive step (splash attention) with 4 microbatches of 4 sequences x
+4,096 tokens; the hand estimate (opdjax.dail.memory; tests/test_dail_memory.py): ~10 GiB.
+Roofline estimate (published v5p peaks, not measured): ~3 s per step, compute-bound. Not run on a
+TPU here.
 """
 from opdjax.dail.config import dail_config
 
@@ -23,6 +26,8 @@ def get_config(arg=None):
     c.workdir = "runs/dail_qwen2p5_7b"
     c.chip = "v5p"
     c.mesh.shape = (1, -1, 1)
+    c.compile.model = MODEL  # job=compile needs no checkpoint
+    c.compile.topology = "v5p:2x2x1"  # job=compile: the slice above (bench/results/compile/)
     c.model.path = ""
     c.model.dtype = "bfloat16"
     c.prompts.enable_thinking = False

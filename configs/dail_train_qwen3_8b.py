@@ -27,6 +27,8 @@ def get_config(arg=None):
     c.workdir = "runs/dail_qwen3_8b"
     c.chip = "h100"
     c.mesh.shape = (1, 1, 1)
+    c.compile.model = MODEL  # job=compile needs no checkpoint
+    # job=compile needs --config.compile.topology=<a TPU slice>: no GPU compiler runs without a GPU
     c.model.path = ""  # --config.model.path=<Qwen3-8B HF checkpoint dir>
     c.model.dtype = "bfloat16"
     c.prompts.enable_thinking = True  # the same contexts the traces were synthesised with

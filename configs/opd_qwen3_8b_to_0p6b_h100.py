@@ -41,6 +41,8 @@ def get_config(arg=None):
     c.teacher.dtype = "bfloat16"
 
     c.mesh.shape = (1, 1, 1)  # one device
+    c.compile.student, c.compile.teacher = STUDENT, TEACHER  # job=compile needs no checkpoint
+    # job=compile needs --config.compile.topology=<a TPU slice>: no GPU compiler runs without a GPU
 
     c.data.train_file = ""
     c.data.eval_file = ""

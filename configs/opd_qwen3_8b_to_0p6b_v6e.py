@@ -3,7 +3,7 @@ on one TPU v6e-8 host (8 Trillium chips, 32 GiB each).
 
 On the TPU VM itself (one host: no gcloud wrapper needed), from the repository root:
 
-    python3 -m venv .venv && .venv/bin/pip install -e . "jax[tpu]==0.10.2" \
+    python3 -m venv .venv && .venv/bin/pip install -e ".[tpu]" \
         -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
     .venv/bin/hf download Qwen/Qwen3-8B --local-dir ckpt/Qwen3-8B
     .venv/bin/hf download Qwen/Qwen3-0.6B --local-dir ckpt/Qwen3-0.6B
@@ -15,13 +15,14 @@ Or from a workstation: `ACCELERATOR_TYPE=v6e-8 launch/gcloud_tpu.sh create|insta
 (launch/README.md). On a v6e-16 slice (4 hosts) use the gcloud wrapper and
 --config.batch.prompts_per_step=32 for twice the rollouts at the same memory per chip.
 
-Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
-train step, decode at 25% of HBM bandwidth — not measured): ~1 min per step, almost all of it
-decoding 4,096 tokens for 64 rollouts; 300 steps ~ 5 h, plus evaluations.
+Expected time: a roofline estimate from the TPU compiler's FLOPs and HBM bytes per phase
+(`--config.job=compile`, bench/results/compile/; published v6e peaks; not measured): ~52 s per
+step, of which ~44 s is sampling (decoding 4,096 tokens for 64 rollouts, HBM-bound), ~5 s teacher
+scoring and ~4 s the train step (splash attention); 300 steps ~ 4.3 h, plus evaluations.
 
-Memory per chip (opdjax.train.memory with the Qwen3 presets): ~17 GiB of 32 GiB at peak; 128
-rollouts (prompts_per_step=32) would need ~30 GiB, too close to the limit with a float32
-student. See tests/test_memory.py.
+Memory per chip (the TPU compiler, v6e:2x4): 12.9 GiB of 32 at peak, in sampling; the hand
+estimate (opdjax.train.memory, tests/test_memory.py) says 13.8 GiB. 128 rollouts
+(prompts_per_step=32) would roughly double the sampler's share: check with --config.job=compile.
 """
 from opdjax.train.config import opd_config
 
@@ -44,6 +45,8 @@ def get_config(arg=None):
     c.teacher.dtype = "bfloat16"
 
     c.mesh.shape = (1, -1, 1)  # 8-way fsdp
+    c.compile.student, c.compile.teacher = STUDENT, TEACHER  # job=compile needs no checkpoint
+    c.compile.topology = "v6e:2x4"  # job=compile: the slice above (bench/results/compile/)
 
     c.data.train_file = ""
     c.data.eval_file = ""

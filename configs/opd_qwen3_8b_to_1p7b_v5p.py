@@ -17,12 +17,15 @@ Every worker runs the same `launch/tpu_run.py` command and joins the job with
 jax.distributed.initialize(); the checkpoint directory must be one place every worker sees (a gs://
 path, or a shared disk). Process 0 writes metrics, pictures and the report to its local workdir. Data files: JSONL with "prompt" and "answer" fields.
 
-Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
-train step, decode at 25% of HBM bandwidth — not measured): ~1.5 min per step, of which ~70 s
-is decoding 4,096 tokens for 512 rollouts; 200 steps ~ 5 h, plus evaluations.
+Expected time: a roofline estimate from the TPU compiler's FLOPs and HBM bytes per phase
+(`--config.job=compile`, bench/results/compile/; published v5p peaks; not measured): ~83 s per
+step, of which ~56 s is sampling (decoding 4,096 tokens for 512 rollouts, HBM-bound), ~15 s
+teacher scoring and ~12 s the train step (splash attention); 200 steps ~ 4.6 h, plus evaluations (~16 min each:
+500 problems x 4 samples and greedy, 4,096 tokens).
 
-Memory per chip (opdjax.train.memory with the Qwen3 presets): ~29 GiB of 95 GiB at peak, the
-rollout's float32 KV cache (17.5 GiB) being the largest term; see tests/test_memory.py.
+Memory per chip (the TPU compiler, v5p:2x4x4): 21.4 GiB of 95 at peak, in sampling (two copies
+of the bf16 KV cache, 4.4 GiB each, while decoding); the hand estimate (opdjax.train.memory,
+tests/test_memory.py) says 22.3 GiB.
 """
 from opdjax.train.config import opd_config
 
@@ -45,6 +48,8 @@ def get_config(arg=None):
     c.teacher.dtype = "bfloat16"  # frozen: bf16 halves its memory
 
     c.mesh.shape = (1, -1, 1)  # all 32 chips on fsdp: params, AdamW state and rows 32-way
+    c.compile.student, c.compile.teacher = STUDENT, TEACHER  # job=compile needs no checkpoint
+    c.compile.topology = "v5p:2x4x4"  # job=compile: the slice above (bench/results/compile/)
 
     c.data.train_file = ""  # --config.data.train_file=... (JSONL/Parquet: prompt, answer)
     c.data.eval_file = ""

@@ -22,7 +22,7 @@
 # --dry-run prints every gcloud command instead of running it (nothing is created or copied).
 set -euo pipefail
 
-JAX_VERSION="0.10.2"  # setup.py's pin; jax[tpu] adds the matching libtpu
+JAX_VERSION="0.10.2"  # setup.py's pin; its [tpu] extra (jax[tpu]) adds the matching libtpu
 LIBTPU_FIND_LINKS="https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -153,7 +153,7 @@ cmd_install() {
 python3 -m venv .venv && .venv/bin/pip install -q -U pip && PIP='.venv/bin/pip install'; else \
 (command -v uv || curl -LsSf https://astral.sh/uv/install.sh | sh) && export PATH=\$HOME/.local/bin:\$PATH && \
 uv venv --python 3.11 .venv && PIP='uv pip install --python .venv/bin/python'; fi && \
-\$PIP -e . 'jax[tpu]==$JAX_VERSION' -f $LIBTPU_FIND_LINKS && \
+\$PIP -e '.[tpu]' -f $LIBTPU_FIND_LINKS && \
 .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"
   ssh_all "set -e; $fetch && $venv"
 }

@@ -26,6 +26,11 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config configs/<name>.py is required")
+    if config.job == "compile" and config.compile.topology and not os.environ.get("JAX_PLATFORMS"):
+        # compiling for a named TPU slice needs no local accelerator: keep JAX on the CPU (no
+        # TPU runtime start-up, which would fail or wait on a machine without a TPU)
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     sharding.maybe_initialize_distributed()  # before any other JAX call
     try:
         multihost.agree_on_config(config)  # a pod: every worker must have been given the same config
@@ -41,6 +46,7 @@ def main(argv):
 
 def _user_errors() -> tuple[type, ...]:
     from opdjax import multihost, sharding
+    from opdjax.aot import chips, report
     from opdjax.dail.synthesize import SynthesisConfigError
     from opdjax.data.records import PromptDataError
     from opdjax.data.tokenizer import TokenizerMismatchError
@@ -49,7 +55,7 @@ def _user_errors() -> tuple[type, ...]:
     from opdjax.train import checkpoint, validate
     return (validate.ConfigError, model_config.ConfigError, checkpoint.CheckpointError, hf_io.CheckpointError,
             sharding.ShardingError, multihost.MultiHostError, PromptDataError, TokenizerMismatchError,
-            PunktModelMissingError, SynthesisConfigError)
+            PunktModelMissingError, SynthesisConfigError, chips.TopologyError, report.DoesNotFitError)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ JOBS = {
     "smoke": "opdjax.smoke:run",
     "opd": "opdjax.train.opd:run",
     "opd_compare": "opdjax.train.compare:run",
+    "compile": "opdjax.aot.job:run",
     "diagnose": "opdjax.train.diagnose:run",
     "dail_synthesize": "opdjax.dail.synthesize:run",
     "dail_train": "opdjax.dail.train:run",

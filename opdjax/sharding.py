@@ -49,7 +49,8 @@ class ShardingError(ValueError):
     """A mesh or sharding request that cannot work; the message names the field and the fix."""
 
 
-def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = "mesh.shape") -> tuple[int, ...]:
+def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = "mesh.shape",
+                           where: str | None = None) -> tuple[int, ...]:
     """Resolve a (data, fsdp, tensor) shape against the device count; one entry may be -1."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
@@ -67,7 +68,7 @@ def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = 
     if math.prod(shape) != num_devices:
         raise ShardingError(
             f"{field}={shape} ({dict(zip(MESH_AXES, shape))}) needs {math.prod(shape)} devices but "
-            f"{num_devices} are present ({_where()}); make the product equal "
+            f"{num_devices} are present ({where or _where()}); make the product equal "
             f"{num_devices}, or put -1 on one axis to fill it."
         )
     return shape
@@ -88,8 +89,10 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
     `with_sharding_constraint` works inside jit. `jax.make_mesh` lays devices out along the
     physical topology on TPU.
     """
-    devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape_from_config(shape, len(devices))
+    given = devices is not None
+    devices = list(devices if given else jax.devices())
+    shape = mesh_shape_from_config(shape, len(devices),
+                                   where=f"{devices[0].device_kind}, given" if given and devices else None)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

@@ -55,7 +55,7 @@ def test_install_copies_checkout_and_pins_jax_tpu():
     assert args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "opd-v5p"] and "--worker=all" in args
     remote = args[-1].removeprefix("--command=")
     assert "tar -xzf opdjax-src.tar.gz -C opdjax" in remote
-    assert "-e . 'jax[tpu]==0.10.2' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" in remote
+    assert "-e '.[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" in remote
     assert "uv venv --python 3.11 .venv" in remote  # TPU VM images ship Python 3.10
     (ssh,) = gcloud_lines(dry_run("install", "--repo-url=https://example.com/opdjax.git", "--branch=dev"))
     assert "git clone --branch dev https://example.com/opdjax.git opdjax" in ssh

@@ -23,7 +23,10 @@ def test_num_params_match_the_model_cards(name, total, non_embedding):
 def test_exact_counts():
     got = {name: presets.preset_config(name).num_params() for name in presets.PRESETS}
     assert got == {"Qwen3-0.6B": 596_049_920, "Qwen3-1.7B": 1_720_574_976,
-                   "Qwen3-4B": 4_022_468_096, "Qwen3-8B": 8_190_735_360, "Qwen2.5-7B-Instruct": 7_615_616_512}
+                   "Qwen3-4B": 4_022_468_096, "Qwen3-8B": 8_190_735_360, "Qwen2.5-7B-Instruct": 7_615_616_512,
+                   # 2 x 32768 x 768 untied tables + L x 6,293,120 per layer + the final norm
+                   "opdjax-100m": 2 * 32768 * 768 + 8 * 6_293_120 + 768,
+                   "opdjax-200m": 2 * 32768 * 768 + 24 * 6_293_120 + 768}
 
 
 def test_architecture_fields():

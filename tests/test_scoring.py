@@ -153,6 +153,25 @@ def test_sharded_equals_unsharded(params, shape):
     np.testing.assert_allclose(c, ref_c, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_microbatches_change_nothing(params, microbatches):
+    """Scoring the rows in groups (batch.microbatches) on a (1, 2, 2)-sharded batch: same numbers."""
+    P, R, K = 4, 10, 3
+    tokens, mask, cand = make_batch([4, 1, 3, 2, 4, 2, 1, 3], [10, 4, 7, 1, 9, 10, 2, 6], P, R, K,
+                                    CFG.vocab_size, seed=12)
+    ref_s, ref_c = run(scoring.teacher_logprobs, params, (tokens, mask, cand), P, chunk_tokens=16)
+    plan = sharding.ShardingPlan(sharding.make_mesh((1, 2, 4)))
+    out = scoring.teacher_logprobs(
+        jax.device_put(params, qwen.param_shardings(CFG, plan)), multihost.to_global(plan, tokens, ("batch", "length")),
+        multihost.to_global(plan, mask, ("batch", "length")), multihost.to_global(plan, cand, ("batch", "length", None)),
+        cfg=CFG, prompt_len=P, chunk_tokens=16, plan=plan, microbatches=microbatches)
+    np.testing.assert_allclose(np.asarray(out.sampled_logp), ref_s, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.candidate_logp), ref_c, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="microbatches=3 must divide the 8 rows"):
+        scoring.teacher_logprobs(params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(cand), cfg=CFG,
+                                 prompt_len=P, microbatches=3)
+
+
 # ------------------------------------------------------------------------------------- memory
 # Qwen3's vocabulary, T = P + R = 64 + 4032 = 4096, B = 8; a 1-layer, 1-head, D = 64 model so the
 # compile is fast. Inputs are ShapeDtypeStructs: nothing is allocated, the numbers are XLA's.

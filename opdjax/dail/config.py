@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from opdjax.aot.config import compile_section
+
 from opdjax.train.config import model_section, optimizer_section
 
 # The three contexts, written for opdjax (templates, not code). Placeholders are replaced by plain
@@ -49,9 +51,13 @@ def dail_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = model_section()  # M: synthesises, is the frozen reference, and is trained
+    # Full-sequence forwards (scoring, training; decoding is always XLA): auto | xla | splash | cudnn.
+    # auto = splash on TPU, cudnn on GPU for bfloat16 params, xla otherwise (opdjax.models.attention).
+    c.model.attention = "auto"
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor)
     c.chip = "cpu"  # memory estimate checked against this chip (opdjax.train.memory.CHIPS)
+    c.compile = compile_section()  # job=compile: every phase compiled for a TPU topology (opdjax.aot)
 
     # Problems with expert solutions: a .jsonl / .jsonl.gz / .parquet file, or a Hugging Face
     # dataset saved with save_to_disk (a directory; `data.split` picks the split of a DatasetDict).

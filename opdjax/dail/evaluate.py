@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from opdjax import multihost
+from opdjax.aot import job as aot_job
 from opdjax.data.grading import grade_batch
 from opdjax.data.prompts import Problem
 from opdjax.data.records import PromptDataError, describe_fields, iter_records
@@ -384,6 +385,7 @@ def run(config) -> dict:
                     fix="every worker must see the same files (shared storage), e.g. workdir/student_hf")
     cfgs = {name: _model_config(src) for name, src in sources.items()}
     plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
+    aot_job.check_at_start(config, plan, "dail_eval")  # TPU: does the sampler fit? (before any weight)
     loaders = {name: _loader(src, plan, config.model.dtype) for name, src in sources.items()}
     log.info("dail_eval: %d %s problems x %d samples, budgets %s, models %s", len(problems), e.kind, e.samples,
              tuple(e.budgets), {n: p for n, (_, p) in sources.items()})

@@ -31,7 +31,7 @@ from __future__ import annotations
 from opdjax import sharding
 from opdjax.models import lora, qwen
 from opdjax.models.config import ModelConfig
-from opdjax.train.memory import (_ITEMSIZE, _SHORT, CHIPS, MemoryEstimate, Term, _dtype, _fmt_shape, _layer_working_set,
+from opdjax.train.memory import (_ITEMSIZE, _SHORT, CHIPS, GPU_CHIPS, MemoryEstimate, Term, _dtype, _fmt_shape, _layer_working_set,
                                  _params_per_chip, _Shard, _usable, attention_block, check_fits, format_table)
 from opdjax.train.validate import ConfigError
 
@@ -91,6 +91,15 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
             f"1 layer fwd, {prompts} prompt rows x {Pc} context tokens", sh.describe((prompts,), ("batch",)))
         add("choice logits", "rollout", 10 * sh.elements((rows, V), ("batch", "act_vocab")) * 4,
             _fmt_shape((rows, V), "float32", 10), sh.describe((rows, V), ("batch", "act_vocab")))
+        # What the TPU compiler showed (job=compile): a second copy of the caches while decoding
+        # (the prefill's working set is gone by then) and the unembedding gathered for the logits.
+        # (TPU only: GPU's XLA was not measured here.)
+        if chip not in GPU_CHIPS:
+            prefill = terms[-2].bytes
+            add("decode loop: second caches", "rollout", max(0, cache - prefill),
+                "max(0, KV caches - prefill layer)", sh.describe(cache_shape, qwen.CACHE_AXES))
+            add("gathered unembedding", "rollout", sh.elements((V, D), ("vocab", None)) * b,
+                _fmt_shape((V, D), dt), sh.describe((V,), ("vocab",)))
 
     # train step ------------------------------------------------------------------------------
     if training:

@@ -73,6 +73,7 @@ import jax
 import numpy as np
 
 from opdjax import multihost, sharding
+from opdjax.aot import job as aot_job
 from opdjax.dail import mixed
 from opdjax.dail.config import dail_config
 from opdjax.dail.data import ExpertProblem, load_expert_problems
@@ -150,7 +151,7 @@ def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
     except ValueError as e:
         raise SynthesisConfigError(str(e)) from e
     try:
-        model_cfg = validate.model_cfg(config.model, "model")
+        model_cfg = validate.model_cfg(config.model, "model", attention=config.model.attention)
     except ValueError as e:  # ConfigError, or config.json problems from ModelConfig
         raise SynthesisConfigError(str(e)) from e
     if s.top_n > model_cfg.vocab_size:
@@ -404,6 +405,7 @@ def run(config) -> dict:
     if todo:
         mesh = sharding.make_mesh(tuple(config.mesh.shape))
         plan = sharding.ShardingPlan(mesh)
+        aot_job.check_at_start(config, plan, "dail_synthesize")  # TPU: does the rollout fit? (before weights)
         params = _load_params(config.model, plan)
         root = jax.random.key(seed)
         # every process holds the whole (small) prompt batch; each device gets its rows

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdjax import multihost, sharding
+from opdjax.aot import job as aot_job
 from opdjax.dail import contrastive
 from opdjax.dail.config import dail_config
 from opdjax.dail.memory import check_fits, estimate_dail_memory
@@ -82,7 +83,7 @@ def validate(config):
     if not os.path.isfile(traces):
         raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
                           "(job dail_synthesize) or point train.traces at a traces JSONL file.")
-    cfg = model_cfg(config.model, "model")
+    cfg = model_cfg(config.model, "model", attention=config.model.attention)
     check_fits(estimate_dail_memory(config, cfg, num_devices=jax.device_count(), job="dail_train"))
     return cfg
 
@@ -244,6 +245,7 @@ def run(config) -> dict:
 
     tx = make_optimizer(config.optimizer, steps)
     lr_at = learning_rate_schedule(config.optimizer, steps)
+    aot_job.check_at_start(config, plan, "dail_train")  # TPU: does the step fit? (before any weight)
     base = load_params(config.model, cfg, plan)  # M: the frozen reference (and the LoRA base)
     if spec is None:  # full fine-tuning: the trainable copy starts as M and follows M's shardings
         abstract_trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)

@@ -14,6 +14,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+ATTENTION_KERNELS = ("xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # How full-sequence forwards attend (opdjax.models.attention): xla | splash | cudnn, set from
+    # config.model.attention by attention.resolve. A run setting, never in config.json.
+    attention: str = "xla"
+    attention_interpret: bool = False  # splash / cudnn emulated on CPU (Pallas interpret, XLA): tests
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -83,6 +88,9 @@ class ModelConfig:
                 f"rope_parameters.rope_type={self.rope.rope_type!r} is not supported; use one of "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}."
             )
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_KERNELS)} "
+                              "(config.model.attention also takes 'auto').")
 
     @property
     def num_groups(self) -> int:

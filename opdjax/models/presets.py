@@ -87,19 +87,31 @@ QWEN2P5_7B_INSTRUCT = {
     "vocab_size": 152064,
 }
 
+def _small_qwen3(layers: int) -> dict[str, Any]:
+    """bench_forward.py's ~100M random Qwen3 (L=8: 100.7M params) and its ~2x-deep teacher (L=24):
+    the architectures the CPU benchmarks and the compile tests use (D=768, F=2048, 12/4 heads of
+    64, V=32768, untied)."""
+    d = _qwen3(hidden=768, intermediate=2048, layers=layers, heads=12, tied=False)
+    d.update(head_dim=64, num_key_value_heads=4, vocab_size=32768, bos_token_id=None, eos_token_id=2,
+             max_position_embeddings=8192)
+    return d
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "Qwen3-0.6B": QWEN3_0P6B,
     "Qwen3-1.7B": QWEN3_1P7B,
     "Qwen3-4B": QWEN3_4B,
     "Qwen3-8B": QWEN3_8B,
     "Qwen2.5-7B-Instruct": QWEN2P5_7B_INSTRUCT,
+    "opdjax-100m": _small_qwen3(8),
+    "opdjax-200m": _small_qwen3(24),
 }
 
 
 def _key(name: str) -> str:
     """"Qwen/Qwen3-8B", "qwen3-8b" and "8b" (a bare size means Qwen3) -> "qwen3-8b"."""
     n = name.strip().lower().rsplit("/", 1)[-1]
-    return n if n.startswith("qwen") else f"qwen3-{n}"
+    return n if n.startswith(("qwen", "opdjax")) else f"qwen3-{n}"
 
 
 _BY_KEY = {_key(k): k for k in PRESETS}

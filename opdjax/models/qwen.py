@@ -7,7 +7,8 @@ One code path serves the full forward, prefill and decode: `apply` takes T new t
 optional fixed-size KV cache. Without a cache the keys are the new tokens themselves; with one,
 the new keys/values are written at slots [index, index+T) and the queries attend to every
 valid slot at or before their own. Per-row positions come from the padding mask, so left- and
-right-padded rows give the same logits as the unpadded row.
+right-padded rows give the same logits as the unpadded row. Without a cache, `cfg.attention`
+may hand attention to a fused kernel (splash on TPU, cuDNN on GPU: opdjax.models.attention).
 
 Precision: weights and the residual stream stay in the params' dtype (as transformers does);
 RMSNorm statistics, RoPE tables, attention softmax and the logits are float32.
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opdjax.models import attention
 from opdjax.models.config import ModelConfig, RopeConfig
 from opdjax.sharding import ShardingPlan, constrain
 
@@ -249,15 +251,26 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
     if layer_cache is None:
         keys, values, new_cache = k, v, None
     else:
-        ck, cv = layer_cache
-        keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-        new_cache = (keys, values)
+        # The whole [L, B, S, K, hd] cache rides in the layer scan's carry: this layer writes its
+        # T new slots into it in place and reads its own layer back. (As scanned-over inputs and
+        # outputs, XLA kept an input and an output copy of the cache and copied every layer out
+        # and back in each decode step: the TPU compiler showed 2 extra caches of HBM.)
+        ks, vs, layer = layer_cache
+        ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (layer, 0, index, 0, 0))
+        vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (layer, 0, index, 0, 0))
+        keys = jax.lax.dynamic_index_in_dim(ks, layer, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(vs, layer, keepdims=False)
+        new_cache = (ks, vs)
     keys = keys.astype(q.dtype)
 
     max_block = T if attn_chunk is None else attn_chunk
     block = min(max_block, max(ATTN_BLOCK, -(-T // ATTN_MAX_BLOCKS)))
-    if layer_cache is None and T > block and T <= block * ATTN_MAX_BLOCKS:
+    if layer_cache is None and cfg.attention != "xla":
+        # A fused kernel (splash on TPU, cuDNN on GPU; see opdjax.models.attention): without a
+        # cache the keys are the queries' own tokens, so key_valid is the row's padding mask.
+        out = attention.attend_full(q, keys, values, key_valid, cfg, plan)
+        out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
+    elif layer_cache is None and T > block and T <= block * ATTN_MAX_BLOCKS:
         # Causal block skipping (see ATTN_BLOCK): block [t0, t1) against keys [0, t1).
         outs = [_attend(q[:, t0:t0 + block], keys[:, :t0 + block], values[:, :t0 + block],
                         key_valid[:, :t0 + block], q_slots[t0:t0 + block], cfg, plan)
@@ -363,24 +376,31 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
 
     adapter, lora_scale = (None, None) if lora is None else lora
 
-    def body(x, scanned):
-        lp, layer_cache, layer_adapter = scanned
+    def layer(x, lp, layer_adapter, layer_cache):
         if layer_adapter is not None:
             from opdjax.models.lora import merge_layer  # lora imports this module
             lp = merge_layer(lp, layer_adapter, lora_scale, plan)
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
                               attn_chunk)
 
-    if remat:
-        body = jax.checkpoint(body)
-    layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_caches, adapter))
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cache is None:
+        def body(x, scanned):
+            return layer(x, *scanned, None)[0], None
 
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(new_kv[0], new_kv[1], key_valid, index + T,
-                            cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
+        if remat:
+            body = jax.checkpoint(body)
+        x, _ = jax.lax.scan(body, x, (params["layers"], adapter))
+        new_cache = None
+    else:
+        def body_cached(carry, scanned):  # the cache is carried and updated in place (see _attention)
+            x, ks, vs, i = carry
+            x, (ks, vs) = layer(x, *scanned, (ks, vs, i))
+            return (x, ks, vs, i + 1), None
+
+        (x, ks, vs, _), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
+                                         (params["layers"], adapter))
+        new_cache = KVCache(ks, vs, key_valid, index + T, cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return x, new_cache
 
 

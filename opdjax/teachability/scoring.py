@@ -96,14 +96,32 @@ def _selected_logp_chunk(unembed, h, ids, plan):
     return selected - lse[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "chunk_tokens", "plan"))
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "chunk_tokens", "plan", "microbatches"))
 def teacher_logprobs(params: qwen.Params, tokens: jax.Array, mask: jax.Array, candidate_ids: jax.Array, *,
                      cfg: ModelConfig, prompt_len: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                     plan: ShardingPlan | None = None) -> TeacherScores:
-    """Teacher log-probs of the sampled tokens and the candidates: one forward, chunked scoring."""
+                     plan: ShardingPlan | None = None, microbatches: int = 1) -> TeacherScores:
+    """Teacher log-probs of the sampled tokens and the candidates: one forward, chunked scoring.
+
+    microbatches: score the rows in this many groups, one after the other (a lax.map), as the
+    train step splits its batch (`batch.microbatches`): the forward's activations are then those
+    of B / microbatches rows. Group i holds rows i, i+m, ... so every group spans every batch
+    shard. The result does not depend on it."""
     check_layout(tokens.shape, mask.shape, candidate_ids.shape, prompt_len, chunk_tokens)
-    hidden, _ = qwen.apply(params, tokens, cfg, mask=mask, plan=plan)
-    return _logprobs_from_hidden(params, hidden, tokens, mask, candidate_ids, prompt_len, chunk_tokens, plan)
+    B, m = tokens.shape[0], int(microbatches)
+    if m < 1 or B % m:
+        raise ValueError(f"microbatches={microbatches} must divide the {B} rows (batch.microbatches)")
+
+    def score(t, k, c):
+        hidden, _ = qwen.apply(params, t, cfg, mask=k, plan=plan)
+        return _logprobs_from_hidden(params, hidden, t, k, c, prompt_len, chunk_tokens, plan)
+
+    if m == 1:
+        return score(tokens, mask, candidate_ids)
+    split = lambda x: x.reshape(B // m, m, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    out = jax.lax.map(lambda a: score(*a), (split(tokens), split(mask), split(candidate_ids)))
+    unsplit = lambda x: constrain(plan, x.swapaxes(0, 1).reshape(B, *x.shape[2:]),  # noqa: E731
+                                  ("batch", "length") + (None,) * (x.ndim - 3))
+    return TeacherScores(*(unsplit(x) for x in out))
 
 
 @functools.partial(jax.jit, static_argnames=("prompt_len", "chunk_tokens", "plan"))

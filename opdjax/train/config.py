@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from opdjax.aot.config import compile_section
+
 from opdjax.teachability.rule import release_config
 
 
@@ -44,6 +46,11 @@ def opd_config() -> ml_collections.ConfigDict:
     # Models. The student is trained; the teacher is frozen and may live in a lower precision.
     c.student = model_section()
     c.teacher = model_section()
+    # How both models attend in full-sequence forwards (teacher scoring, the train step's forward
+    # and backward; sampling always decodes with XLA): auto | xla | splash | cudnn. auto = splash
+    # (Pallas kernel) on TPU, cudnn on GPU for bfloat16 params, xla otherwise (opdjax.models.attention).
+    c.model = ml_collections.ConfigDict()
+    c.model.attention = "auto"
     # Teacher and student must share tokenizer and chat template (checked before step 0).
     # chat_template: "" = they must agree exactly; "student" | "teacher" = render every prompt with
     # that model's template for both (for pairs whose templates differ only in unused branches).
@@ -55,6 +62,7 @@ def opd_config() -> ml_collections.ConfigDict:
     # accelerator the memory estimate is checked against (opdjax.train.memory.CHIPS): cpu | v4 |
     # v5e | v5p | v6e | h100 | h200. "cpu" skips the check.
     c.chip = "cpu"
+    c.compile = compile_section()  # job=compile: every phase compiled for a TPU topology (opdjax.aot)
 
     # Prompts. A JSONL or Parquet file with one problem per record; `answer_field` is optional
     # ("" = no grading). task="toy_arithmetic" generates the embedded demo task instead of files.

@@ -26,15 +26,20 @@ rollout phase (rows = batch.prompts_per_step * rollout.samples_per_prompt, all a
   sampler KV cache          k and v [L, rows, T, kv_heads, head_dim] in the param dtype + valid mask
   prefill working set       one layer's forward over the prompt (below), keys = T cache slots
   sampling logits           [rows, V] float32 x 6 (logits, log-softmax, top-p sort, cumsum, ...)
+  decode loop: second cache max(0, cache - prefill layer): the TPU compiler holds two caches while
+                            decoding (measured with job=compile), the prefill's working set is gone
+  gathered unembedding      [V, D] / tensor: each decode step's logits gather it (job=compile)
 teacher scoring phase (rows = rollout rows / batch.microbatches)
   teacher hidden states     [rows, T, D_teacher] in the teacher dtype
   teacher layer             one layer's forward working set (below)
+  gathered unembedding      [V, D_teacher] / tensor: the scoring head gathers it once (job=compile)
   teacher logits chunk      [rows, c, V] float32 x 2 (logits, exp), c = min(R, max(1, 512 // rows))
                             (`teachability.scoring`'s chunks; candidates' log-probs are tiny)
 train-step phase (rows = rollout rows / batch.microbatches)
   gradients                 = params (x 2 with microbatches > 1: accumulator + this microbatch)
   saved layer inputs        (L + 1) x [rows, T, D]: per-layer rematerialisation saves only
                             each layer's input (and the final hidden state)
+  backward stack            L x [rows, T, D]: the cotangent stack beside the saved one (job=compile)
   layer fwd + bwd           2 x one layer's working set (recomputed forward and its cotangents)
   loss chunk                [rows, min(loss.chunk_tokens, R), V] float32 x (2 if the loss needs
                             teacher logits: reverse_kl_full | forward_kl_full | jsd) x 2 (backward)
@@ -53,7 +58,9 @@ The peak is the resident memory plus the largest phase (a phase's buffers are fr
 next starts: the sampler returns tokens, not its cache; gradients live inside the train step),
 plus OVERHEAD_FRACTION of that and XLA_SCRATCH_BYTES for compiler temporaries and fragmentation.
 It is an estimate to reject hopeless configs before they compile, not a replacement for XLA's
-own memory analysis.
+own memory analysis: `job=compile` (opdjax.aot) gives the TPU compiler's per-phase numbers, and
+the terms marked "job=compile" above were added where it disagreed (README, "Compile for TPU");
+they apply to TPU chips (and "cpu"), not to GPUs, whose compiler was not measured here.
 """
 from __future__ import annotations
 
@@ -316,6 +323,17 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
         f"1 layer fwd, {rollout_rows} rows x {P} prompt tokens", sh.describe((rollout_rows,), ("batch",)))
     add("sampling logits", "rollout", 6 * sh.elements((rollout_rows, V), ("batch", "act_vocab")) * 4,
         _fmt_shape((rollout_rows, V), "float32", 6), sh.describe((rollout_rows, V), ("batch", "act_vocab")))
+    # The TPU compiler keeps a second cache beside the one the decode loop carries (job=compile:
+    # temporaries ~2.2 x the cache). The prefill's working set is gone by then, so the phase peaks
+    # at the larger of the two: this term is what the decode loop adds beyond the prefill.
+    # (These compiler-measured terms are TPU's; GPU's XLA was not measured here.)
+    tpu = chip not in GPU_CHIPS
+    if tpu:
+        prefill = next(t.bytes for t in terms if t.name == "prefill layer")
+        add("decode loop: second cache", "rollout", max(0, cache - prefill),
+            "max(0, KV cache - prefill layer): 2 caches while decoding", "batch/fsdp (as the cache)")
+        add("gathered unembedding", "rollout", sh.elements((V, S.hidden_size), ("vocab", None)) * sb,
+            _fmt_shape((V, S.hidden_size), s_dtype), sh.describe((V,), ("vocab",)))
 
     # teacher scoring -------------------------------------------------------------------------
     hid_names = ("batch", "length", "act_embed")
@@ -325,6 +343,12 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
     block = attention_block(T)
     add("teacher layer fwd", "teacher scoring", _layer_working_set(Tc, rows, T, T, block, tb, sh),
         f"1 layer, {rows} rows x {T}, attn block {block}", sh.describe((rows,), ("batch",)))
+    # The scoring head gathers the embed (fsdp) dimension of the unembedding once, outside its
+    # chunk loop (the compiler shows the whole [V, D] table per chip when tensor = 1).
+    if tpu:
+        add("gathered unembedding", "teacher scoring",
+            sh.elements((Tc.vocab_size, Tc.hidden_size), ("vocab", None)) * tb,
+            _fmt_shape((Tc.vocab_size, Tc.hidden_size), t_dtype), sh.describe((Tc.vocab_size,), ("vocab",)))
     c = min(R, max(1, SCORING_CHUNK_TOKENS // rows))
     chunk_shape = (rows, c, Tc.vocab_size)
     logit_names = ("batch", "length", "act_vocab")
@@ -338,6 +362,11 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
     saved_shape = (rows, T, S.hidden_size)
     add("saved layer inputs", "train step", (S.num_layers + 1) * sh.elements(saved_shape, hid_names) * sb,
         _fmt_shape(saved_shape, s_dtype, S.num_layers + 1), sh.describe(saved_shape, hid_names))
+    # The backward scan reads the saved stack while writing its own [L, rows, T, D] cotangent
+    # stack: the compiler holds two such stacks at the backward's start (job=compile).
+    if tpu:
+        add("backward stack", "train step", S.num_layers * sh.elements(saved_shape, hid_names) * sb,
+            _fmt_shape(saved_shape, s_dtype, S.num_layers), sh.describe(saved_shape, hid_names))
     add("layer fwd + bwd", "train step", 2 * _layer_working_set(S, rows, T, T, block, sb, sh),
         f"2 x 1 layer, {rows} rows x {T}, attn block {block}", sh.describe((rows,), ("batch",)))
     needs_teacher_logits = _needs_teacher_logits(str(config.loss.name))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdjax import losses, multihost, sharding
+from opdjax.aot import job as aot_job
 from opdjax.data import prompts as prompt_data
 from opdjax.eval.harness import evaluate
 from opdjax.models import hf_io, qwen
@@ -177,7 +178,8 @@ def rollout_and_score(config, settings, sampling, student_params, teacher_params
     full = jnp.concatenate([tok_d, roll.tokens], axis=1)
     fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
     scores = teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg, prompt_len=prompt_len,
-                              chunk_tokens=config.loss.chunk_tokens, plan=plan)
+                              chunk_tokens=config.loss.chunk_tokens, plan=plan,
+                              microbatches=config.batch.microbatches)
     if not overlap_segments:
         jax.block_until_ready(scores)
     t_seg = time.perf_counter()
@@ -292,6 +294,7 @@ def run(config) -> dict:
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     rng_abstract = jax.ShapeDtypeStruct(jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))
+    aot_job.check_at_start(config, plan, "opd")  # TPU: does every phase fit this slice? (before any weight)
     restored = ckpt.restore_latest({"train": abstract_state, "rng": rng_abstract})
     if restored is None:
         params = load_params(config.student, student_cfg, plan)

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from opdjax import losses
+from opdjax.models import attention as attention_lib
 from opdjax.models.config import ModelConfig
 from opdjax.teachability.rule import ReleaseSettings, settings_from_config
 from opdjax.train.config import opd_config
@@ -57,7 +58,28 @@ def check_optimizer(o) -> None:
         raise ConfigError(f"config.optimizer.weight_decay={o.weight_decay!r} must be >= 0.")
 
 
-def model_cfg(section, name) -> ModelConfig:
+def model_cfg(section, name, attention: str | None = None) -> ModelConfig:
+    """config.<name>'s ModelConfig (config.json or GGUF header). With `attention` (the value of
+    config.model.attention) its attention kernel is resolved for this backend and logged."""
+    if attention is not None:
+        check_attention(attention)  # before reading any file
+    cfg = _model_cfg_from_files(section, name)
+    if attention is None:
+        return cfg
+    try:
+        return attention_lib.resolve(cfg, attention, section.dtype, name=name)
+    except attention_lib.AttentionConfigError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_attention(value) -> None:
+    try:
+        attention_lib.check_choice(value)
+    except attention_lib.AttentionConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _model_cfg_from_files(section, name) -> ModelConfig:
     m = section
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.{name}.dtype={m.dtype!r}: choose float32 or bfloat16.")
@@ -106,6 +128,7 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
     """Raise ConfigError naming the field; return what was resolved. `tokenizers` = (student,
     teacher) already loaded (else loaded here from the checkpoint directories)."""
     check_unknown_fields(c, opd_config())
+    check_attention(c.model.attention)
     if c.loss.name not in losses.LOSSES:
         raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; choose one of {', '.join(losses.LOSSES)}.")
     if c.loss.normalize not in losses.NORMALIZATIONS:
@@ -158,8 +181,8 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
                 raise ConfigError(f"config.data.{f}={p!r} does not exist.")
 
     # Models: config.json only (cheap), then sizes that depend on them.
-    student_cfg = model_cfg(c.student, "student")
-    teacher_cfg = model_cfg(c.teacher, "teacher")
+    student_cfg = model_cfg(c.student, "student", attention=c.model.attention)
+    teacher_cfg = model_cfg(c.teacher, "teacher", attention=c.model.attention)
     if student_cfg.vocab_size != teacher_cfg.vocab_size:
         raise ConfigError(f"config.teacher vocab_size {teacher_cfg.vocab_size} != config.student vocab_size "
                           f"{student_cfg.vocab_size}: OPD needs one tokenizer for both models.")
