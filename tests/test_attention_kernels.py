@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opdjax import sharding
+from opdjax import multihost, sharding
 from opdjax.dail.config import dail_config
 from opdjax.models import attention, qwen
 from opdjax.models.config import ConfigError, ModelConfig
@@ -49,7 +49,7 @@ def _cfg(heads, kv_heads, kind="xla", layers=1, head_dim=128):
 
 
 def _assert_close(ours, ref, ulps, where=None, what=""):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    ours, ref = (np.asarray(x, np.float64) for x in multihost.to_host((ours, ref)))
     assert np.isfinite(ours).all(), what
     if where is not None:
         ours, ref = ours[where], ref[where]
@@ -80,7 +80,7 @@ def test_kernel_matches_reference_values_and_grads(kind, groups):
     ours, our_grads = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(our_fn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
     out_ref, out = jax.jit(ref_fn)(q, k, v), jax.jit(our_fn)(q, k, v)
     assert out.shape == out_ref.shape and out.dtype == q.dtype
-    _assert_close(out, out_ref, VALUE_ULPS, np.asarray(valid), f"{kind} G={groups} output")
+    _assert_close(out, out_ref, VALUE_ULPS, multihost.to_host(valid), f"{kind} G={groups} output")
     for name, g, gr in zip("qkv", our_grads, ref_grads):
         _assert_close(g, gr, GRAD_ULPS, what=f"{kind} G={groups} d{name}")
 
@@ -105,7 +105,7 @@ def test_splash_bf16_under_highest_precision():
     bf16_eps = 2.0 ** -8
     out = jax.jit(our_fn)(q, k, v)
     assert out.dtype == jnp.bfloat16
-    _assert_close(out, jax.jit(ref_fn)(q, k, v), 8 * bf16_eps / EPS, np.asarray(valid), "bf16 output")
+    _assert_close(out, jax.jit(ref_fn)(q, k, v), 8 * bf16_eps / EPS, multihost.to_host(valid), "bf16 output")
     for name, g, gr in zip("qkv", ours, ref):
         assert g.dtype == jnp.bfloat16
         _assert_close(g, gr, 8 * bf16_eps / EPS, what=f"bf16 d{name}")
@@ -143,7 +143,7 @@ def test_apply_matches_xla(model, kind, mesh):
     plan = None if mesh is None else sharding.ShardingPlan(sharding.make_mesh(mesh))
     ours = dataclasses.replace(cfg, attention=kind, attention_interpret=True)
     (_, h), g = _apply_loss(ours, tokens, mask, plan)(params)
-    _assert_close(h, hidden, VALUE_ULPS, np.asarray(mask), f"{kind} {mesh} hidden")
+    _assert_close(h, hidden, VALUE_ULPS, multihost.to_host(mask), f"{kind} {mesh} hidden")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(grads)):
         _assert_close(a, b, GRAD_ULPS, what=f"{kind} {mesh} grad {jax.tree_util.keystr(path)}")
 
@@ -155,7 +155,7 @@ def test_decode_with_a_cache_stays_on_xla(model):
     cache = qwen.init_cache(cfg, 4, 16)
     a, _ = jax.jit(qwen.apply, static_argnames="cfg")(params, tokens[:, :8], cfg, cache=cache)
     b, _ = jax.jit(qwen.apply, static_argnames="cfg")(params, tokens[:, :8], ours, cache=cache)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(*multihost.to_host((a, b)))
 
 
 # ------------------------------------------------------------------------ config.model.attention

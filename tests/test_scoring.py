@@ -165,8 +165,9 @@ def test_microbatches_change_nothing(params, microbatches):
         jax.device_put(params, qwen.param_shardings(CFG, plan)), multihost.to_global(plan, tokens, ("batch", "length")),
         multihost.to_global(plan, mask, ("batch", "length")), multihost.to_global(plan, cand, ("batch", "length", None)),
         cfg=CFG, prompt_len=P, chunk_tokens=16, plan=plan, microbatches=microbatches)
-    np.testing.assert_allclose(np.asarray(out.sampled_logp), ref_s, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.candidate_logp), ref_c, atol=1e-5, rtol=0)
+    got = multihost.to_host(out)
+    np.testing.assert_allclose(got.sampled_logp, ref_s, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.candidate_logp, ref_c, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="microbatches=3 must divide the 8 rows"):
         scoring.teacher_logprobs(params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(cand), cfg=CFG,
                                  prompt_len=P, microbatches=3)

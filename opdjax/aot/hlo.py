@@ -196,7 +196,7 @@ def _constants(comps, comp: Computation, seen=None) -> list[int]:
             for op in ins.operands:
                 src = comp.by_name.get(op)
                 if src is not None and src.opcode == "constant" and re.match(r"[su](32|64)\[\]", src.shape):
-                    value = re.search(r"constant\((-?\d+)\)", f"{src.opcode}({','.join(src.operands)})")
+                    value = re.fullmatch(r"(-?\d+)", src.operands[0]) if src.operands else None
                     if value and direction and direction.group(1) in ("LT", "NE", "GT"):
                         found.append(int(value.group(1)))
                     elif value and direction and direction.group(1) in ("LE", "GE"):
@@ -298,7 +298,7 @@ def _splash_flops(ins: Instr, comp: Computation) -> float:
     return 0.0
 
 
-def _fused_flops(comps, comp: Computation, seen=None) -> float:
+def _fused_flops(comps, comp: Computation) -> float:
     total = 0.0
     for ins in comp.instrs:
         if ins.opcode in ("dot", "convolution"):
@@ -374,8 +374,9 @@ def _what(ins: Instr, mult: float) -> str:
     return f"{ins.opcode} {ins.shape.split('{')[0][:60]} x{mult:g} ({op.group(1)[-90:] if op else ins.name})"
 
 
-def analyze(text: str, top: int = 8) -> ProgramCost:
-    comps, entry = parse_module(text)
+def analyze(text: str, top: int = 8, parsed=None) -> ProgramCost:
+    """`parsed`: parse_module(text), when the caller already has it."""
+    comps, entry = parsed or parse_module(text)
     f_items, b_items = [], []
     flops = nbytes = flops_once = 0.0
     coll = collections.defaultdict(lambda: {"count": 0, "bytes": 0.0})

@@ -54,7 +54,6 @@ def target(config) -> tuple[chips.Chip, tuple, str]:
     """(chip, devices, topology name): the abstract devices of compile.topology, else this TPU VM's."""
     c = config.compile
     if c.topology:
-        chip, _ = chips.parse_topology(c.topology)
         chip, devices = chips.abstract_devices(c.topology, int(c.num_slices))
         return chip, devices, chips.topology_name(*chips.parse_topology(c.topology))
     devices = jax.devices()

@@ -74,8 +74,7 @@ def roofline(chip: Chip, flops: float, nbytes: float, collectives: dict) -> dict
             "note": "roofline estimate from published peaks (max of compute, HBM, ICI), not a measurement"}
 
 
-def _largest_values(text: str, n: int = 5) -> list:
-    comps, _ = hlo.parse_module(text)
+def _largest_values(comps: dict, n: int = 5) -> list:
     seen = []
     for comp in comps.values():
         if comp.name.startswith(("fused_computation", "bitcast_fusion")) or ".fused" in comp.name:
@@ -111,7 +110,8 @@ def compile_phase(phase: Phase, chip: Chip) -> PhaseReport:
     dt = time.perf_counter() - t
     mem = compiled.memory_analysis()
     text = compiled.as_text()
-    cost = hlo.analyze(text)
+    parsed = hlo.parse_module(text)  # large for an 8B model: parse once
+    cost = hlo.analyze(text, parsed=parsed)
     expected, match = _expected_arguments(phase, text, _kept_arguments(lowered))
     xla = compiled.cost_analysis() or {}
     if isinstance(xla, list):  # older jax: one dict per program
@@ -121,7 +121,7 @@ def compile_phase(phase: Phase, chip: Chip) -> PhaseReport:
         int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes),
         phase.resident_outside, expected, match, cost.flops, cost.bytes, cost.collectives, cost.loops, cost.unknown_loops,
         float(xla.get("flops", 0.0)), float(xla.get("bytes accessed", 0.0)), phase.calls_per_step, phase.per_step,
-        roofline(chip, cost.flops, cost.bytes, cost.collectives), _largest_values(text))
+        roofline(chip, cost.flops, cost.bytes, cost.collectives), _largest_values(parsed[0]))
 
 
 def _kept_arguments(lowered) -> set | None:
