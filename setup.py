@@ -27,6 +27,11 @@ RUNTIME = [
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (opdjax.train.metrics)
     "tqdm==4.70.1",  # progress bar
     "pyarrow==26.0.1",  # Parquet prompt files
+    # The data layer (opdjax.data.sources / pipeline / builders): TFDS datasets and ArrayRecord
+    # files read without TensorFlow, one Grain pipeline for every job. No TensorFlow is installed.
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "importlib_resources==7.1.0",  # etils.epath's resources, which TFDS builders import (not declared by TFDS)
 ]
 
 TEST = [
@@ -54,7 +59,8 @@ TEST = [
 
 # On a TPU VM: pip install -e '.[tpu]' (the gcloud script and the Colab notebook do). jax[tpu]
 # brings libtpu, the TPU runtime and compiler; `job=compile` uses it on any host.
-TPU = ["jax[tpu]==0.10.2"]
+# gcsfs: etils.epath reads gs:// JSONL / Parquet / save_to_disk data through fsspec with it.
+TPU = ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"]
 
 setup(
     name="opdjax",

@@ -17,7 +17,7 @@ Run (from the repo root, in opdjax's venv; the TRL side runs as a subprocess in 
 
 Like with like:
   * same HF checkpoints (our toy pair / random checkpoints load in transformers'
-    Qwen3ForCausalLM directly), same prompt token rows per step (opdjax's PromptStream; every
+    Qwen3ForCausalLM directly), same prompt token rows per step (opdjax's data pipeline; every
     prompt repeated samples_per_prompt times; left-padded to the same width with the same pad id),
     same max_new_tokens, temperature 1, no top-k / top-p, AdamW with global-norm clip 1.0;
   * ours `loss.name=jsd` with TRL's beta (default 0.5: the same generalized JSD, see

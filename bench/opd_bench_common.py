@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -204,7 +205,6 @@ class OPDHarness:
         import jax.numpy as jnp
 
         from opdjax import sharding
-        from opdjax.data import prompts as prompt_data
         from opdjax.models import qwen
         from opdjax.rollout.sampler import SamplingSettings
         from opdjax.train import opd
@@ -241,8 +241,9 @@ class OPDHarness:
                          jsd_beta=float(c.loss.jsd_beta))
         self.train_step = jit_train_step(tx, self.student_cfg, self.teacher_cfg, s, plan, dtype)
         self.root = jax.random.key(c.seed)
-        self.stream = prompt_data.PromptStream(len(self.data.train_prompts), c.batch.prompts_per_step,
-                                               seed=c.seed, shuffle=c.data.shuffle)
+        # the trainer's own prompt pipeline (Grain; this process's rows read and encoded)
+        self.pipeline = opd.train_pipeline(c, self.data, functools.partial(opd.encode_problems, c, self.student_tok,
+                                                                           template), plan)
         self._opd, self._jax, self._jnp, self._qwen = opd, jax, jnp, qwen
         self.setup_s = time.perf_counter() - t0
         self.rows_log = []  # the prompt rows of every step (for the TRL side)
@@ -257,12 +258,13 @@ class OPDHarness:
             _wait_quiet(wait_quiet)
         meter = LoadMeter().start()
         key = jax.random.fold_in(self.root, i)
-        idx = self.stream.next_batch()
-        rows = [j for j in idx for _ in range(c.rollout.samples_per_prompt)]
-        self.rows_log.append([list(map(int, self.data.train_prompts[j])) for j in rows])
+        step_data = next(self.pipeline)
+        prompts = dict(zip(step_data.indices[step_data.positions].tolist(), step_data.items))
+        rows = [int(j) for j in step_data.indices for _ in range(c.rollout.samples_per_prompt)]
+        self.rows_log.append([list(map(int, prompts[j])) for j in rows])
         batch, decision, roll, scores, timings = opd.rollout_and_release(
             c, self.settings, self.sampling, self.state["params"], self.teacher_params, self.student_cfg,
-            self.teacher_cfg, self.student_tok, self.data.train_prompts, rows, self.data.prompt_len, key, self.plan)
+            self.teacher_cfg, self.student_tok, prompts, rows, self.data.prompt_len, key, self.plan)
         t = time.perf_counter()
         self.state, out = self.train_step(self.state, batch, self.teacher_params)
         out = jax.device_get(out)

@@ -13,6 +13,7 @@ JOBS = {
     "dail_train": "opdjax.dail.train:run",
     "dail_eval": "opdjax.dail.evaluate:run",
     "dail_demo": "opdjax.dail.demo:run",
+    "prepare_data": "opdjax.data.prepare:run",
 }
 
 

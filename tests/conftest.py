@@ -14,6 +14,11 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=5"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The shipped TFDS datasets (data.task=toy_arithmetic, the DAIL demo) are prepared once per test
+# session here, never in the user's ~/tensorflow_datasets; subprocess jobs (pod tests) inherit it.
+import tempfile  # noqa: E402
+
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="opdjax-tests-tfds-")
 
 import jax  # noqa: E402
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from etils import epath
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from opdjax.train.checkpoint import (COMMIT_FILE, MARKER_FILE, TMP_SUFFIX, CheckpointError, CheckpointMismatchError,
@@ -571,3 +572,27 @@ def test_the_event_loop_noise_filter_drops_only_that_error(unraisable):
     report(ValueError("other"), other_coro)
     assert [type(e).__name__ for e in unraisable] == ["RuntimeError", "ValueError"]
     assert unraisable[0] is lookalike
+
+
+def test_data_pipeline_state_restores_across_process_counts(tmp_path):
+    """The Grain iterator state item: a checkpoint written by a 2-process slice (files
+    process_0-of-2.json, process_1-of-2.json) restores into a 1-process run from process 0's file,
+    since the state is the global step; a step without the item is a named error."""
+    import json as _json
+
+    from opdjax.data.pipeline import DataPipeline
+    from opdjax.train.checkpoint import CheckpointError, _restore_data
+
+    written = DataPipeline(range(10), 3, seed=4)
+    for _ in range(5):
+        next(written)
+    item = tmp_path / "7" / "data"
+    item.mkdir(parents=True)
+    for p in range(2):
+        (item / f"process_{p}-of-2.json").write_text(_json.dumps(written.iterator.get_state()))
+    resumed = DataPipeline(range(10), 3, seed=4)
+    _restore_data(epath.Path(item), resumed.iterator)
+    assert resumed.next_step == 5
+    np.testing.assert_array_equal(next(resumed).indices, next(written).indices)
+    with pytest.raises(CheckpointError, match="no data pipeline state"):
+        _restore_data(epath.Path(tmp_path / "8" / "data"), resumed.iterator)

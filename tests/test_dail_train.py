@@ -8,6 +8,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -72,7 +73,10 @@ def _config(d, name, **train_over):
 
 def test_epoch_plan_visits_every_trace_once_per_epoch():
     n, per = 10, 4
-    steps = [train.step_rows(s, n, per, seed=1) for s in range(6)]  # 2 epochs of 3 steps
+    config = ml_collections.ConfigDict({"seed": 1, "train": {"sequences_per_step": per}})
+    pipe = train.trace_pipeline(config, n)
+    assert pipe.steps_per_epoch == 3
+    steps = [next(pipe).indices for _ in range(6)]  # 2 epochs of 3 steps
     for e in range(2):
         rows = np.concatenate(steps[3 * e:3 * e + 3])
         assert sorted(rows[rows >= 0].tolist()) == list(range(n)) and (rows < 0).sum() == 2
@@ -129,7 +133,7 @@ def test_bad_traces_are_named(traces, tmp_path):
     d, _ = traces
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "problem": "p", "solutions": ["s"], "hint": "h"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl line 1.*trace_ids"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1.*trace_ids"):
         train.load_traces(str(bad))
     c = _config(d, "missing", **{"train.traces": str(tmp_path / "nope.jsonl")})
     with pytest.raises(ValueError, match="train.traces"):

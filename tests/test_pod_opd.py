@@ -34,7 +34,8 @@ OPD = ["--config", "configs/opd_demo.py", "--config.job=opd", "--config.mesh.sha
        "--config.rollout.max_new_tokens=64", "--config.eval.num_problems=4", "--config.eval.samples=2",
        "--config.eval.k=(1,2)", "--config.eval.max_new_tokens=64", "--config.eval.every=2",
        "--config.eval.before=False", "--config.checkpoint.every=2", "--config.checkpoint.keep=5",
-       "--config.metrics.pictures_every=2", "--config.metrics.pictures_per_step=2"]
+       "--config.metrics.pictures_every=2", "--config.metrics.pictures_per_step=2",
+       "--config.data.num_train=8", "--config.data.trace_reads=True"]  # 4 steps x 4 prompts = 2 epochs
 
 
 def _records(workdir):
@@ -129,6 +130,40 @@ def test_opd_as_two_processes_killed_and_resumed_equals_one_process(single_opd, 
     # orbax wrote the checkpoint from both processes into the one shared directory
     state = run / "checkpoints" / "4" / "state"
     assert sorted(p.name for p in state.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
+    # Grain's iterator state, one file per process, and the data each process read
+    data = run / "checkpoints" / "4" / "data"
+    assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert_reads_cover_each_epoch_once(run, single_opd, processes=2, num_train=8, per_step=4, steps=4)
+
+
+def _reads(run, process):
+    """step -> (global batch, records read) from the process's data trace; a step read again
+    after the resume replaces the killed run's read (the same records)."""
+    out = {}
+    for line in (run / "data_reads" / f"process_{process}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert out.get(r["step"], (r["batch"], r["read"])) == (r["batch"], r["read"])  # a resume reads the same
+        out[r["step"]] = (r["batch"], r["read"])
+    return out
+
+
+def assert_reads_cover_each_epoch_once(run, single, *, processes, num_train, per_step, steps):
+    """Every process saw the same global batches as one process did; the processes read disjoint
+    shares of each batch (this mesh's rows split over the processes), together the whole batch;
+    each epoch covers every prompt exactly once."""
+    reads = [_reads(run, p) for p in range(processes)]
+    alone = _reads(single, 0)
+    assert sorted(alone) == list(range(steps))
+    for step in range(steps):
+        batch = alone[step][0]
+        assert all(r[step][0] == batch for r in reads), step  # one global order, whatever the process count
+        shares = [r[step][1] for r in reads]
+        assert all(0 < len(s) < per_step for s in shares), shares  # each process reads only part of it
+        assert sorted(sum(shares, [])) == sorted(batch), (step, shares)
+    per_epoch = num_train // per_step
+    for e in range(steps // per_epoch):
+        served = sum((alone[s][0] for s in range(e * per_epoch, (e + 1) * per_epoch)), [])
+        assert sorted(served) == list(range(num_train)), (e, served)
 
 
 @pytest.mark.timeout(420)

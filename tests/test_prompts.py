@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from opdjax.data.prompts import (
-    Problem, PromptDataError, PromptStream, encode_prompts, left_pad, load_problems, render_prompt,
+    Problem, PromptDataError, encode_prompts, left_pad, load_problems, render_prompt,
 )
+from opdjax.data.pipeline import DataPipeline
 from opdjax.data.records import PYARROW_PIN
 from opdjax.data.tokenizer import CHATML_TEMPLATE, build_toy_tokenizer, encode_chat
 
@@ -56,7 +57,7 @@ def test_missing_file_and_directory(tmp_path):
     msg = error_of(tmp_path / "nope.jsonl")
     assert "nope.jsonl" in msg and "does not exist" in msg
     msg = error_of(tmp_path)
-    assert "is a directory" in msg and "to_json" in msg
+    assert "is not a dataset saved" in msg and "TFDS" in msg  # a directory must be a dataset
     (tmp_path / "data.csv").write_text("prompt\nhi\n")
     msg = error_of(tmp_path / "data.csv")
     assert "data.csv" in msg and "unsupported file type" in msg and ".jsonl" in msg
@@ -207,49 +208,52 @@ def test_left_pad():
         left_pad([[1], [1, 2, 3]], pad_id=0, length=2)
 
 
-# ------------------------------------------------------------------------------- stream
+# ----------------------------------------------------------------------------- pipeline
+# The order a run serves prompts in (opdjax.data.pipeline, Grain); more in test_data_layer.py.
+
+def _pipe(n, batch, seed, **kw):
+    return DataPipeline(range(n), batch, seed=seed, **kw)
+
 
 @pytest.mark.parametrize("n,batch", [(10, 3), (7, 7), (5, 12), (1, 1)])
-def test_stream_covers_each_epoch_exactly_once(n, batch):
-    stream = PromptStream(n, batch, seed=3)
-    served = np.concatenate([stream.next_batch() for _ in range(4 * n)])  # 4*batch epochs
-    assert all(len(b) == batch for b in [served[i:i + batch] for i in range(0, len(served), batch)])
+def test_pipeline_covers_each_epoch_exactly_once(n, batch):
+    pipe = _pipe(n, batch, seed=3)
+    served = np.concatenate([next(pipe).indices for _ in range(4 * n)])  # 4*batch epochs
     for e in range(len(served) // n):
         assert sorted(served[e * n:(e + 1) * n].tolist()) == list(range(n)), e
-    assert (served[:n] == stream.order(0)).all()
 
 
-def test_stream_epochs_are_fresh_permutations_and_seeded():
-    a, b = PromptStream(50, 10, seed=0), PromptStream(50, 10, seed=1)
-    assert not np.array_equal(a.order(0), a.order(1))
-    assert not np.array_equal(a.order(0), b.order(0))
-    assert np.array_equal(PromptStream(50, 10, seed=0).order(3), a.order(3))
-    assert PromptStream(5, 2, seed=0, shuffle=False).next_batch().tolist() == [0, 1]
+def test_pipeline_epochs_are_fresh_permutations_and_seeded():
+    a, b = _pipe(50, 50, seed=0), _pipe(50, 50, seed=1)
+    a0, a1, b0 = next(a).indices, next(a).indices, next(b).indices
+    assert not np.array_equal(a0, a1) and not np.array_equal(a0, b0)
+    assert not np.array_equal(a1, b0)  # seed 0's second epoch is not seed 1's first
+    assert np.array_equal(_pipe(50, 50, seed=0).step_indices(1), a1)
+    assert next(_pipe(5, 2, seed=0, shuffle=False)).indices.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("n,batch,cut", [(10, 3, 1), (10, 3, 4), (10, 3, 7), (8, 4, 2), (4, 9, 3)])
-def test_stream_resume_equals_uninterrupted(n, batch, cut):
-    reference = PromptStream(n, batch, seed=42)
-    want = [reference.next_batch() for _ in range(cut + 3 * n)]
-    first = PromptStream(n, batch, seed=42)
+def test_pipeline_resume_equals_uninterrupted(n, batch, cut):
+    reference = _pipe(n, batch, seed=42)
+    want = [next(reference).indices for _ in range(cut + 3 * n)]
+    first = _pipe(n, batch, seed=42)
     for _ in range(cut):
-        first.next_batch()
-    state = json.loads(json.dumps(first.state()))  # through a JSON checkpoint
-    resumed = PromptStream(n, batch, seed=42)
-    resumed.restore(state)
-    got = [resumed.next_batch() for _ in range(3 * n)]
+        next(first)
+    state = json.loads(json.dumps(first.iterator.get_state()))  # what Grain's handler writes
+    resumed = _pipe(n, batch, seed=42)
+    resumed.iterator.set_state(state)
+    got = [next(resumed).indices for _ in range(3 * n)]
     for w, g in zip(want[cut:], got):
         np.testing.assert_array_equal(w, g)
-    assert resumed.state()["epoch"] == reference.state()["epoch"] >= 2
 
 
-def test_stream_restore_checks():
-    state = PromptStream(10, 3, seed=1).state()
-    with pytest.raises(ValueError, match="num_problems=10 .*num_problems=11"):
-        PromptStream(11, 3, seed=1).restore(state)
+def test_pipeline_signature_checks():
+    saved = _pipe(10, 3, seed=1).signature()
+    with pytest.raises(ValueError, match="num_records=10 .*num_records=11"):
+        _pipe(11, 3, seed=1).check_signature(saved)
     with pytest.raises(ValueError, match="seed=1 .*seed=2"):
-        PromptStream(10, 3, seed=2).restore(state)
-    other_batch = PromptStream(10, 4, seed=1)
-    other_batch.restore(state)  # the position counts problems: a new batch size is fine
-    with pytest.raises(ValueError, match="needs at least one problem"):
-        PromptStream(0, 1, seed=0)
+        _pipe(10, 3, seed=2).check_signature(saved)
+    with pytest.raises(ValueError, match="batch_size=3 .*batch_size=4"):
+        _pipe(10, 4, seed=1).check_signature(saved)
+    with pytest.raises(ValueError, match="at least one record"):
+        _pipe(0, 1, seed=0)

@@ -59,8 +59,9 @@ def dail_config() -> ml_collections.ConfigDict:
     c.chip = "cpu"  # memory estimate checked against this chip (opdjax.train.memory.CHIPS)
     c.compile = compile_section()  # job=compile: every phase compiled for a TPU topology (opdjax.aot)
 
-    # Problems with expert solutions: a .jsonl / .jsonl.gz / .parquet file, or a Hugging Face
-    # dataset saved with save_to_disk (a directory; `data.split` picks the split of a DatasetDict).
+    # Problems with expert solutions, from any source opdjax.data.sources opens: a .jsonl(.gz) /
+    # .parquet / ArrayRecord file, a TFDS or save_to_disk directory, or "tfds:NAME" under data_dir;
+    # local or gs://. data.split in TFDS syntax ("train[:90%]").
     c.data = ml_collections.ConfigDict()
     c.data.problems = ""
     c.data.split = "train"
@@ -69,6 +70,7 @@ def dail_config() -> ml_collections.ConfigDict:
     c.data.solution_field = "solution"  # a string, or a list of strings (several expert solutions)
     c.data.answer_field = "answer"  # "" or a missing/empty value: no checkable answer for that problem
     c.data.limit = 0  # 0 = every problem
+    c.data.data_dir = ""  # TFDS data_dir for tfds:NAME sources; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
 
     # Prompts of the three contexts, rendered as one user turn with the checkpoint's chat template.
     c.prompts = ml_collections.ConfigDict()
@@ -147,8 +149,8 @@ def dail_config() -> ml_collections.ConfigDict:
     c.eval.prompt = "student"  # which template the evaluated model is prompted with
     c.eval.models = ()  # extra (name, path) pairs to compare; base and trained are always included
 
-    # job=dail_demo only: the embedded toy problems it writes (workdir/problems.jsonl, eval.jsonl)
-    # before running synthesis, training and evaluation on them.
+    # job=dail_demo only: how many embedded toy problems it reads (tfds:opdjax_dail_toy/seed<seed>,
+    # train and eval splits) before running synthesis, training and evaluation on them.
     c.demo = ml_collections.ConfigDict()
     c.demo.num_problems = 48
     c.demo.num_eval_problems = 64

@@ -3,12 +3,12 @@
     load_expert_problems("problems.jsonl")            # or .jsonl.gz / .parquet
     load_expert_problems("saved_dataset_dir", split="train")
 
-Sources (read by `opdjax.data.records.iter_records`). A JSON Lines file (`.jsonl`, `.ndjson`,
-`.json` with one object per line, optionally `.gz`), a Parquet file (`.parquet`, `.pq`), or a
-directory written by Hugging Face `datasets`' `save_to_disk`: a Dataset (`state.json` beside its
-`.arrow` shards) or a DatasetDict (`dataset_dict.json` and one sub-directory per split; `split`,
-config data.split, default "train", picks one and must exist; it is ignored for a plain Dataset).
-The `.arrow` shards are read with pyarrow alone, so reading needs no `datasets` package.
+Sources: any that `opdjax.data.sources` opens (read by `opdjax.data.records.iter_records`): a JSON
+Lines file (`.jsonl`, `.ndjson`, `.json` with one object per line, optionally `.gz`), a Parquet file,
+ArrayRecord files, a directory written by Hugging Face `datasets`' `save_to_disk`, a prepared TFDS
+directory or `tfds:NAME` under `data_dir`; local or gs://. `split` (config data.split, default
+"train") is a TFDS split expression ("train[:90%]"); a single file has one split, whose name is only
+a label.
 
 Records. Every record needs
   - the problem field: a non-empty string;
@@ -136,12 +136,12 @@ def _id(where, record, field, position: int) -> str:
 
 def load_expert_problems(path: str | os.PathLike, *, id_field: str = "", problem_field: str = "problem",
                          solution_field: str = "solution", answer_field: str = "answer",
-                         split: str = "train", limit: int = 0) -> list[ExpertProblem]:
+                         split: str = "train", limit: int = 0, data_dir: str = "") -> list[ExpertProblem]:
     """Every problem (the first `limit` when > 0) of a JSONL / Parquet file or a save_to_disk
     directory, in order; see the module docstring for the rules. Raises PromptDataError."""
     if not isinstance(limit, int) or limit < 0:
         raise ValueError(f"data.limit={limit!r} must be an integer >= 0 (0 = every problem).")
-    records = iter_records(path, split=split, setting="data.problems")
+    records = iter_records(path, split=split, data_dir=data_dir, default_split="train", setting="data.problems")
 
     problems: list[ExpertProblem] = []
     seen: dict[str, str] = {}

@@ -2,15 +2,16 @@
 
     python launch/tpu_run.py --config configs/dail_demo.py
 
-1. writes `demo.num_problems` toy arithmetic problems with terse "didactic" expert solutions
-   (steps skipped: opdjax.dail.toy.terse_solution) to workdir/problems.jsonl, and
-   `demo.num_eval_problems` held-out ones to workdir/eval.jsonl;
+1. reads `demo.num_problems` toy arithmetic problems with terse "didactic" expert solutions
+   (steps skipped: opdjax.dail.toy.terse_solution) and `demo.num_eval_problems` held-out ones from
+   the shipped TFDS dataset `tfds:opdjax_dail_toy/seed<seed>` (train / eval splits; prepared in
+   data.data_dir on first use: opdjax.data.builders);
 2. synthesis (opdjax.dail.synthesize) -> workdir/traces.jsonl;
 3. contrastive training (opdjax.dail.train) -> workdir/student_hf (LoRA merged);
 4. evaluation (opdjax.dail.evaluate): pass@k for k = 1..n, base vs trained, same keys;
 5. workdir/report.md: what each step produced, with the pass@k and training-curve pictures.
 Each step is the same job a real run launches on its own; the demo only chains them.
-On a pod (several processes) process 0 writes the problem files, the report and
+On a pod (several processes) process 0 prepares the dataset first, and writes the report and
 demo_summary.json; every process takes part in each step.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import os
 import time
 
 from opdjax import multihost
-from opdjax.dail import evaluate, synthesize, toy, train
+from opdjax.dail import evaluate, synthesize, train
+from opdjax.data import builders
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +41,18 @@ def run(config) -> dict:
     t0 = time.perf_counter()
     config = _unlocked(config)
     writing = multihost.is_writer()  # process 0 writes the shared files; the others read them
-    problems = os.path.join(config.workdir, "problems.jsonl")
-    held_out = os.path.join(config.workdir, "eval.jsonl")
+    # The embedded toy problems, read through the data layer: the shipped TFDS dataset
+    # opdjax_dail_toy (prepared in data.data_dir on first use), its first num_problems train and
+    # num_eval_problems eval records.
+    for field, n, cap in (("num_problems", config.demo.num_problems, builders.DAIL_TRAIN),
+                          ("num_eval_problems", config.demo.num_eval_problems, builders.DAIL_EVAL)):
+        if not 1 <= int(n) <= cap:
+            raise ValueError(f"config.demo.{field}={n}: the shipped opdjax_dail_toy dataset holds 1..{cap} problems.")
     if writing:
         os.makedirs(config.workdir, exist_ok=True)
-        toy.write_demo_problems(problems, config.demo.num_problems, seed=config.seed, split="train")
-        toy.write_demo_problems(held_out, config.demo.num_eval_problems, seed=config.seed, split="eval")
-        log.info("wrote the demo problems %s and %s", problems, held_out)
-    multihost.sync("dail_demo_problems")  # written before any process reads them
-    config.data.problems, config.eval.problems = problems, held_out
-
+    dataset = f"tfds:opdjax_dail_toy/seed{int(config.seed)}"
+    config.data.problems, config.data.split = dataset, f"train[:{int(config.demo.num_problems)}]"
+    config.eval.problems, config.eval.split = dataset, f"eval[:{int(config.demo.num_eval_problems)}]"
     timings = {}
     t = time.perf_counter()
     syn = synthesize.run(config)

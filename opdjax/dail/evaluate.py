@@ -250,10 +250,11 @@ def _check_eval(config) -> None:
             raise ValueError(f"config.eval.models: {pair!r} is not a (name, path) pair of strings.")
 
 
-def load_math_problems(path, *, problem_field: str, answer_field: str, split: str = "") -> list[Problem]:
+def load_math_problems(path, *, problem_field: str, answer_field: str, split: str = "",
+                       data_dir: str = "") -> list[Problem]:
     """Math problems with their reference answers (every one required), in file order."""
     problems = []
-    for where, record in iter_records(path, split=split, setting="eval.problems"):
+    for where, record in iter_records(path, split=split, data_dir=data_dir, setting="eval.problems"):
         if problem_field not in record:
             raise PromptDataError(f"{where}: no problem field {problem_field!r} (config.eval.problem_field); "
                                   f"this record has fields: {describe_fields(record)}.")
@@ -278,10 +279,11 @@ def load_eval_problems(config) -> list:
     if e.kind == "choice":
         problems = choice_lib.load_choice_problems(e.problems, question_field=e.problem_field,
                                                    choices_field=e.choices_field, answer_field=e.answer_field,
-                                                   id_field=e.id_field, layout=e.choice_layout, split=e.split)
+                                                   id_field=e.id_field, layout=e.choice_layout, split=e.split,
+                                                   data_dir=config.data.data_dir)
     else:
         problems = load_math_problems(e.problems, problem_field=e.problem_field, answer_field=e.answer_field,
-                                      split=e.split)
+                                      split=e.split, data_dir=config.data.data_dir)
     return problems[:e.num_problems] if e.num_problems else problems
 
 

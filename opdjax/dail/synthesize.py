@@ -118,9 +118,10 @@ def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
     if not _is_int(config.seed) or config.seed < 0:
         raise SynthesisConfigError(f"config.seed={config.seed!r} must be an integer >= 0.")
     if not d.problems:
-        raise SynthesisConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet file "
-                                   "or a directory saved with datasets' save_to_disk.")
-    if not os.path.exists(d.problems):
+        raise SynthesisConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet / "
+                                   "ArrayRecord file, a TFDS or save_to_disk directory, or tfds:NAME.")
+    local = "://" not in d.problems and not d.problems.startswith("tfds:") and not any(c in d.problems for c in "*?,")
+    if local and not os.path.exists(d.problems):
         raise SynthesisConfigError(f"config.data.problems={d.problems!r} does not exist.")
     if not _is_int(d.limit) or d.limit < 0:
         raise SynthesisConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")
@@ -366,7 +367,7 @@ def run(config) -> dict:
     d = config.data
     problems = load_expert_problems(d.problems, id_field=d.id_field, problem_field=d.problem_field,
                                     solution_field=d.solution_field, answer_field=d.answer_field, split=d.split,
-                                    limit=int(d.limit))
+                                    limit=int(d.limit), data_dir=d.data_dir)
     # Every context up front: an over-long one fails here, naming its record, before any compute.
     hints, student_rows, expert_rows = [], [], []
     for p in problems:

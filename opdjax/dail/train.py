@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 
@@ -37,6 +36,8 @@ from opdjax.dail import contrastive
 from opdjax.dail.config import dail_config
 from opdjax.dail.memory import check_fits, estimate_dail_memory
 from opdjax.dail.prompts import check_templates, render_contexts
+from opdjax.data.pipeline import DataPipeline
+from opdjax.data.sources import PromptDataError, open_source
 from opdjax.models import lora, qwen
 from opdjax.train import checkpoint as ckpt_lib
 from opdjax.train import metrics as metrics_lib
@@ -80,7 +81,8 @@ def validate(config):
     except ValueError as e:
         raise ConfigError(str(e)) from e
     traces = traces_path(config)
-    if not os.path.isfile(traces):
+    local = "://" not in traces and not traces.startswith("tfds:") and not any(c in traces for c in "*?,")
+    if local and not os.path.exists(traces):
         raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
                           "(job dail_synthesize) or point train.traces at a traces JSONL file.")
     cfg = model_cfg(config.model, "model", attention=config.model.attention)
@@ -92,28 +94,36 @@ def traces_path(config) -> str:
     return config.train.traces or config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
 
 
-def load_traces(path: str) -> list[tuple[str, dict]]:
-    """(record name, record) of every kept trace; records without a trace (skipped problems) are
-    left out. A record missing a field is an error naming the file and line."""
+def load_traces(path: str, data_dir: str = "") -> list[tuple[str, dict]]:
+    """(record name, record) of every kept trace, from the synthesis's traces.jsonl or any source of
+    the data layer (e.g. a TFDS dataset prepare_data made of it); records without a trace (skipped
+    problems) are left out. A record missing a field is an error naming it (file and line, or
+    dataset, split and record)."""
+    try:
+        src = open_source(path, data_dir=data_dir, default_split="train", setting="train.traces")
+    except PromptDataError as e:
+        raise ValueError(str(e)) from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e}); a synthesis killed mid-write leaves a torn "
-                                 "last line: re-run the synthesis to finish it.") from e
-            if r.get("trace_ids") is None and "trace_ids" in r:
-                continue  # a problem none of whose traces matched (synthesis.on_no_match=skip)
-            missing = [k for k in TRACE_FIELDS if k not in r]
-            if missing:
-                raise ValueError(f"{where}: trace record lacks field(s) {missing}; it has {sorted(r)}.")
-            if not r["trace_ids"]:
-                raise ValueError(f"{where} (id {r['id']}): empty trace.")
-            out.append((f"{where} (id {r['id']})", r))
+    for i in range(len(src)):
+        where = src.where(i)
+        try:
+            r = src[i]
+        except PromptDataError as e:
+            torn = " A synthesis killed mid-write leaves a torn last line: re-run the synthesis to finish it." \
+                if i == len(src) - 1 and "invalid JSON" in str(e) else ""
+            raise ValueError(f"{e}{torn}") from None
+        if r.get("trace_ids") is None and "trace_ids" in r:
+            continue  # a problem none of whose traces matched (synthesis.on_no_match=skip)
+        missing = [k for k in TRACE_FIELDS if k not in r]
+        if missing:
+            raise ValueError(f"{where}: trace record lacks field(s) {missing}; it has {sorted(r)}.")
+        if isinstance(r["trace_ids"], int):  # a one-token trace read from a tf.train.Example
+            r["trace_ids"] = [r["trace_ids"]]
+        if isinstance(r["solutions"], str):
+            r["solutions"] = [r["solutions"]]
+        if not r["trace_ids"]:
+            raise ValueError(f"{where} (id {r['id']}): empty trace.")
+        out.append((f"{where} (id {r['id']})", r))
     if not out:
         raise ValueError(f"{path}: no usable trace (every problem was skipped?); nothing to train on.")
     return out
@@ -133,13 +143,12 @@ def encode_traces(traces, tokenizer, prompts, stop_id: int, *, pad_id: int, max_
     return contrastive.align(s, e, h, resp, pad_id=pad_id, max_response_tokens=max_response_tokens, records=names)
 
 
-def step_rows(step: int, num_traces: int, per_step: int, seed: int) -> np.ndarray:
-    """Row indices of step `step` (-1 = a zero-weight filler row at the end of an epoch)."""
-    per_epoch = math.ceil(num_traces / per_step)
-    epoch, j = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_traces)
-    rows = order[j * per_step:(j + 1) * per_step]
-    return np.concatenate([rows, np.full(per_step - len(rows), -1, rows.dtype)])
+def trace_pipeline(config, num_traces: int) -> DataPipeline:
+    """The Grain pipeline of the trace rows: train.sequences_per_step rows per step, one global order
+    reshuffled each epoch from the run's seed; epochs are cut apart ("pad": the last step of an epoch
+    is filled with zero-weight rows, index -1), so train.epochs means whole passes over the traces."""
+    return DataPipeline(range(num_traces), int(config.train.sequences_per_step), seed=config.seed, shuffle=True,
+                        epoch_end="pad", name="traces")
 
 
 def take_rows(batch, rows: np.ndarray):
@@ -229,13 +238,14 @@ def run(config) -> dict:
     tok = load_tokenizer_for(config.model, "model")
     stop_id = tok.eos_token_id
     path = traces_path(config)
-    traces = multihost.run_everywhere(lambda: load_traces(path), f"reading the traces {path}")
+    traces = multihost.run_everywhere(lambda: load_traces(path, config.data.data_dir), f"reading the traces {path}")
     multihost.agree((len(traces), multihost.fingerprint([r for _, r in traces])), f"traces in {path}")
     data = encode_traces(traces, tok, config.prompts, stop_id, pad_id=cfg.pad_token_id or 0,
                          max_response_tokens=config.train.max_response_tokens)
     n = len(traces)
     per_step = int(config.train.sequences_per_step)
-    steps = config.train.epochs * math.ceil(n / per_step)
+    pipeline = trace_pipeline(config, n)
+    steps = int(config.train.epochs * pipeline.steps_per_epoch)
     spec = lora.LoraSpec.from_config(config.lora) if config.lora.enabled else None
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     plan = sharding.ShardingPlan(mesh)
@@ -258,7 +268,7 @@ def run(config) -> dict:
                                  keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             jax.eval_shape(lambda p: init_state(p, tx), abstract_trainable), state_sh)
-    restored = ckpt.restore_latest({"train": abstract})
+    restored = ckpt.restore_latest({"train": abstract}, data=pipeline.iterator)
     alarms = 0  # steps whose mean negative KL passed train.negative_alarm (kept across a resume)
     if restored is None:
         # Every leaf of the state (counters included) is a global array: a pod checkpoints only those.
@@ -273,6 +283,10 @@ def run(config) -> dict:
         start, tree, meta = restored
         state = tree["train"]
         alarms = int(meta.get("negative_alarms", 0))
+        pipeline.check_signature(meta.get("data"))
+        if pipeline.next_step != start:
+            raise ckpt_lib.CheckpointError(f"checkpoint step {start} in {ckpt.directory} holds the trace pipeline at "
+                                           f"step {pipeline.next_step}; it is not a checkpoint this trainer wrote.")
         log.info("resumed from %s at step %d", ckpt.directory, start)
     step_fn = make_step(cfg, tx, config, spec, plan, state_sh)
 
@@ -282,7 +296,8 @@ def run(config) -> dict:
     last = start
     with ckpt_lib.PreemptionGuard() as guard:
         for step in range(start, steps):
-            batch, coeff = take_rows(data, step_rows(step, n, per_step, config.seed))
+            # every process holds the (small) aligned trace batch; the step's rows come from the pipeline
+            batch, coeff = take_rows(data, next(pipeline).indices)
             t = time.perf_counter()
             state, out = step_fn(state, base, *_device_batch(plan, batch, coeff))
             # CPU: one step in flight (simulated-device collectives); the metrics are replicated scalars
@@ -291,7 +306,7 @@ def run(config) -> dict:
             m = {k: float(v) for k, v in out.items()}
             tokens = int(np.asarray(batch.response_mask).sum())  # host: the step's NumPy batch
             m.update({"optimizer/learning_rate": float(lr_at(step)), "perf/response_tokens_per_s": tokens / dt,
-                      "timing/step_s": dt, "data/epoch": (step + 1) / math.ceil(n / per_step)})
+                      "timing/step_s": dt, "data/epoch": pipeline.epochs_done(step + 1)})
             if config.train.negative_alarm and m["loss/kl_negative"] > config.train.negative_alarm:
                 alarms += 1
                 log.warning("step %d: mean negative KL %.3f > train.negative_alarm=%.3f (the student is moving "
@@ -306,7 +321,8 @@ def run(config) -> dict:
             if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps \
                     or preempted:
                 writer.flush()  # the metrics of a step reach disk before its checkpoint can complete
-                ckpt.save(step + 1, {"train": state}, {"step": step + 1, "negative_alarms": alarms}, force=True)
+                ckpt.save(step + 1, {"train": state}, {"step": step + 1, "negative_alarms": alarms,
+                                                       "data": pipeline.signature()}, force=True, data=pipeline.iterator)
             if preempted:
                 log.warning("%s: saved the checkpoint at step %d; exiting cleanly", guard.signal_name or "SIGTERM",
                             step + 1)

@@ -1,9 +1,8 @@
 """Multiple-choice evaluation (GPQA-style): loading, shuffled options, the prompt, the letter
 extractor and grading.
 
-Files. JSON Lines or Parquet, or a Hugging Face dataset saved with `save_to_disk` (a directory;
-`split` picks a DatasetDict's split, "" = its only one, else "test"), all read by
-`opdjax.data.records.iter_records`. Two record layouts:
+Sources. Any that `opdjax.data.sources` opens (JSON Lines, Parquet, save_to_disk, TFDS, ArrayRecord;
+local or gs://); `split` in TFDS syntax, "" = the only split, else "test". Two record layouts:
   - "choices": a question field, a list of options (`choices_field`), and the answer
     (`answer_field`) given as the correct option's text, its letter ("C", "(C)", "C)"), or its
     0-based index (an integer);
@@ -128,7 +127,8 @@ def _record_id(record: dict, id_field: str, index: int, where: str) -> str:
 
 def load_choice_problems(path: str | os.PathLike, *, question_field: str = "question",
                          choices_field: str = "choices", answer_field: str = "answer",
-                         id_field: str = "", layout: str = "auto", split: str = "") -> list[ChoiceProblem]:
+                         id_field: str = "", layout: str = "auto", split: str = "",
+                         data_dir: str = "") -> list[ChoiceProblem]:
     """Every multiple-choice problem of a file, in file order (see the module docstring).
 
     id_field: "" = the record's position (0-based) as its id. layout: auto | choices | gpqa.
@@ -136,7 +136,7 @@ def load_choice_problems(path: str | os.PathLike, *, question_field: str = "ques
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
     problems: list[ChoiceProblem] = []
-    for where, record in iter_records(path, split=split, setting="eval.problems"):
+    for where, record in iter_records(path, split=split, data_dir=data_dir, setting="eval.problems"):
         index = len(problems)
         is_gpqa = layout == "gpqa" or (layout == "auto" and choices_field not in record
                                        and GPQA_CORRECT in record and GPQA_INCORRECT.format(1) in record)

@@ -110,7 +110,8 @@ COMMIT_FILE = "commit_success.txt"  # orbax: atomicity_types.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax: atomicity_types.TMP_DIR_SUFFIX
 DAMAGED_SUFFIX = ".damaged"  # <step>.damaged: set aside by restore_latest; orbax's listing skips it
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
-ITEMS = ("state", "meta")
+ITEMS = ("state", "meta")  # always there; DATA_ITEM only when the job has a data pipeline
+DATA_ITEM = "data"  # Grain's iterator state: process_<i>-of-<n>.json per process
 # How long a process waits for process 0's nonce to show up in the directory before it declares
 # the directory not shared (NFS attribute caches can lag a second or two). Kept short: process 0
 # waits meanwhile in a collective, and simulated CPU collectives abort after a few seconds.
@@ -375,6 +376,33 @@ def _fmt_sig(sig) -> str:
 
 # ----------------------------------------------------------------------------- Checkpointer
 
+def _grain_handler():
+    import grain
+
+    return grain.checkpoint.CheckpointHandler()
+
+
+def _restore_data(item_dir: epath.Path, iterator) -> None:
+    """Restore a Grain iterator from the "data" item. Our pipelines' state is the global step, the
+    same in every process's file, so a checkpoint written by another number of processes (a
+    resized slice) is restored from process 0's file; a step without the item is an error."""
+    import grain
+
+    if not item_dir.is_dir():
+        raise CheckpointError(f"{item_dir.parent} has no data pipeline state ({DATA_ITEM}/); it was written without "
+                              "one (an older opdjax?). Start from a new workdir.")
+    mine = item_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if mine.exists():
+        grain.checkpoint.CheckpointHandler().restore(item_dir, args=grain.checkpoint.CheckpointRestore(iterator))
+        return
+    files = sorted(item_dir.glob("process_0-of-*.json"))
+    if not files:
+        raise CheckpointError(f"{item_dir}: no process_0-of-N.json iterator state; the data item is damaged.")
+    log.info("data pipeline state written by another process count (%s): restoring the global position from it",
+             files[0].name)
+    iterator.set_state(json.loads(files[0].read_text()))
+
+
 class Checkpointer:
     """Keep-N, async orbax checkpoints of a train-state pytree plus a JSON ``meta`` dict.
 
@@ -415,7 +443,8 @@ class Checkpointer:
                 create=True,
                 cleanup_tmp_directories=True,
             ),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                           DATA_ITEM: _grain_handler()},
         )
         self._closed = False
 
@@ -568,13 +597,15 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------
 
-    def save(self, step: int, state, meta: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state, meta: Mapping[str, Any] | None = None, *, force: bool = False,
+             data=None) -> bool:
         """Save `state` (pytree of arrays) and `meta` (JSON-able dict) as checkpoint `step`.
 
         Asynchronous when the Checkpointer was made with ``async_save=True``: returns once the
         arrays are copied off the devices. Returns False (and saves nothing) when `step` is not
         after the latest saved step, unless ``force=True``, which saves anyway and replaces an
-        existing checkpoint of the same step. Keeps the newest `keep` checkpoints.
+        existing checkpoint of the same step. Keeps the newest `keep` checkpoints. `data`: a Grain
+        dataset iterator (opdjax.data.pipeline), saved as the item "data" by Grain's own handler.
         """
         self._check_open()
         step = int(step)
@@ -589,10 +620,15 @@ class Checkpointer:
         if in_mngr:  # force=True on an existing step: replace it
             self._mngr.wait_until_finished()
             self._mngr.delete(step)
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if data is not None:
+            import grain
+
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
         t0 = time.perf_counter()
         saved = self._mngr.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(**items),
             force=True,
         )
         log.info("checkpoint step %d %s in %.2fs (%s)", step, "started" if self.async_save else "written",
@@ -627,12 +663,13 @@ class Checkpointer:
                                     f"complete steps: {have or 'none'}")
         return self._restore_step(step, abstract_state, allow_dtype_cast=allow_dtype_cast)
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, data=None):
         """(step, state, meta) of the newest intact checkpoint, or None when there is none.
 
         A damaged newer step is skipped with a warning (its steps will be trained again) and set
         aside as ``<step>.damaged``, so that the resumed run can save that step again. When every
         step is damaged: a one-line `CheckpointError` (nothing renamed). Collective on a pod.
+        `data`: a Grain iterator whose saved state (item "data") is restored into it in place.
         """
         self._check_open()
         self._mngr.wait_until_finished()
@@ -642,7 +679,7 @@ class Checkpointer:
         lost: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:
-                state, meta = self._restore_step(step, abstract_state)
+                state, meta = self._restore_step(step, abstract_state, data=data)
             except DamagedCheckpointError as e:
                 log.warning("checkpoint step %d in %s is damaged and cannot be restored: %s", step, self.directory,
                             e.reason)
@@ -696,7 +733,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- an I/O error while looking is damage too
             return _short(e)
 
-    def _read(self, step: int, abstract_state):
+    def _read(self, step: int, abstract_state, data=None):
         """The arrays and the meta dict of `step`, read through the item handlers directly:
         ``CheckpointManager.restore`` would end in a global barrier that a process which failed
         here would never reach (see "Pods" in the module doc)."""
@@ -709,9 +746,11 @@ class Checkpointer:
         finally:
             handler.close()
         meta = ocp.JsonCheckpointHandler().restore(d / "meta", args=ocp.args.JsonRestore())
+        if data is not None:
+            _restore_data(d / DATA_ITEM, data)
         return jax.block_until_ready(state), dict(meta or {})
 
-    def _restore_step(self, step: int, abstract_state, *, allow_dtype_cast: bool = False):
+    def _restore_step(self, step: int, abstract_state, *, allow_dtype_cast: bool = False, data=None):
         """Verify, check and read `step` on every process; the processes agree on each outcome, so
         all of them raise the same error (DamagedCheckpointError, CheckpointMismatchError) or all
         return. `step` must be the same on every process."""
@@ -728,7 +767,7 @@ class Checkpointer:
                                                                 allow_dtype_cast=allow_dtype_cast)))
             state = meta = problem = None
             try:
-                state, meta = self._read(step, abstract_state)
+                state, meta = self._read(step, abstract_state, data)
             except Exception as e:  # noqa: BLE001 -- damage the index did not show (e.g. overwritten bytes)
                 root = e
                 while root.__cause__ is not None:  # orbax wraps tensorstore's error in a long repr

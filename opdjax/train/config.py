@@ -67,15 +67,22 @@ def opd_config() -> ml_collections.ConfigDict:
     # Prompts. A JSONL or Parquet file with one problem per record; `answer_field` is optional
     # ("" = no grading). task="toy_arithmetic" generates the embedded demo task instead of files.
     c.data = ml_collections.ConfigDict()
-    c.data.task = ""  # "" (read train_file/eval_file) | "toy_arithmetic"
+    # Sources (opdjax.data.sources): a .jsonl(.gz) / .parquet / ArrayRecord file (or glob), a TFDS
+    # or save_to_disk directory, or "tfds:NAME" under data_dir; local or gs://. Splits in TFDS
+    # syntax ("train[:90%]"), for every kind of source.
+    c.data.task = ""  # "" (read train_file/eval_file) | "toy_arithmetic" (tfds:opdjax_toy_arithmetic/seed<seed>)
     c.data.train_file = ""
+    c.data.train_split = "train"  # a single file has one split: the name is a label, the slice applies
     c.data.eval_file = ""
+    c.data.eval_split = ""  # "" = the only split, else "test"
+    c.data.data_dir = ""  # TFDS data_dir for tfds:NAME; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.prompt_field = "prompt"
     c.data.answer_field = "answer"
     c.data.system_prompt = ""
     c.data.enable_thinking = False  # Qwen3 chat templates: thinking mode switch
     c.data.max_prompt_tokens = 256  # a longer prompt is an error naming the record, never cut
     c.data.shuffle = True  # reshuffled each epoch with the run's seed (part of the checkpoint)
+    c.data.trace_reads = False  # write workdir/data_reads/process_<i>.jsonl: the records each process read per step
     c.data.num_train = 2048  # task=toy_arithmetic only: generated problems
     c.data.num_eval = 64
 

@@ -32,6 +32,9 @@ import numpy as np
 from opdjax import losses, multihost, sharding
 from opdjax.aot import job as aot_job
 from opdjax.data import prompts as prompt_data
+from opdjax.data.pipeline import DataPipeline
+from opdjax.data import builders
+from opdjax.data.sources import TFDS_PREFIX, open_source
 from opdjax.eval.harness import evaluate
 from opdjax.models import hf_io, qwen
 from opdjax.rollout.sampler import SamplingSettings, sample
@@ -48,30 +51,49 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------- set-up
 class EncodedPrompts(collections.abc.Sequence):
-    """Prompt ids of a list of problems, encoded on first use and kept: on a pod each process
-    encodes only the prompts of the rows it feeds."""
+    """Prompt ids of the first `limit` problems of a ProblemSet, each read, encoded and kept when
+    first asked for: on a pod a process reads and encodes only the rows it feeds (eval, diagnosis)."""
 
-    def __init__(self, encode, problems):
-        self._encode, self._problems, self._ids = encode, list(problems), {}
+    def __init__(self, encode, problems, limit: int | None = None):
+        self._encode, self._problems, self._ids = encode, problems, {}
+        self._len = len(problems) if limit is None else min(int(limit), len(problems))
 
     def __len__(self):
-        return len(self._problems)
+        return self._len
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = int(i)
+        if not 0 <= i < self._len:
+            raise IndexError(i)
         if i not in self._ids:
             self._ids[i] = self._encode([self._problems[i]])[0]
         return self._ids[i]
 
 
+class Answers(collections.abc.Sequence):
+    """The answers of the first `limit` problems of a ProblemSet, read when asked for."""
+
+    def __init__(self, problems, limit: int):
+        self._problems, self._len = problems, min(int(limit), len(problems))
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= int(i) < self._len:
+            raise IndexError(i)
+        return self._problems[int(i)].answer
+
+
 @dataclasses.dataclass
 class Data:
-    train_prompts: EncodedPrompts  # prompt ids, encoded when a row is fed
-    train_answers: list
+    train: prompt_data.ProblemSet  # the training problems (read by the pipeline, each process its rows)
     eval_prompts: EncodedPrompts
-    eval_answers: list
+    eval_answers: Answers
     prompt_len: int  # P: every prompt is left-padded to this many columns (one compile)
 
 
@@ -88,19 +110,31 @@ def load_params(section, cfg, plan):
     return params
 
 
-def problems_for(config):
-    """(train, eval) lists of prompt_data.Problem from the files, or the embedded task."""
+def data_sources(config) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((spec, split) of the training problems, (spec, split) of the eval problems; spec "" = none).
+    data.task=toy_arithmetic reads the shipped TFDS dataset of the embedded task (prepared in
+    data.data_dir on first use): its first num_train / num_eval problems."""
     d = config.data
     if d.task == "toy_arithmetic":
-        from opdjax.data import toy_task
-        def conv(ps, split):
-            return [prompt_data.Problem(prompt=p["prompt"], answer=str(p["answer"]), index=i,
-                                        source=f"toy_arithmetic:{split}:{i}", record=p) for i, p in enumerate(ps)]
-        return (conv(toy_task.make_problems(d.num_train, seed=config.seed, split="train"), "train"),
-                conv(toy_task.make_problems(d.num_eval, seed=config.seed, split="eval"), "eval"))
-    train = prompt_data.load_problems(d.train_file, prompt_field=d.prompt_field, answer_field=d.answer_field)
-    ev = prompt_data.load_problems(d.eval_file, prompt_field=d.prompt_field, answer_field=d.answer_field,
-                                   required_answer=True) if d.eval_file else []
+        for field, n, cap in (("num_train", d.num_train, builders.TOY_TRAIN), ("num_eval", d.num_eval, builders.TOY_EVAL)):
+            if not 1 <= int(n) <= cap:
+                raise prompt_data.PromptDataError(f"data.{field}={n}: the shipped toy_arithmetic dataset holds 1..{cap} "
+                                                  "problems of that split.")
+        name = f"{TFDS_PREFIX}opdjax_toy_arithmetic/seed{int(config.seed)}"
+        return (name, f"train[:{int(d.num_train)}]"), (name, f"eval[:{int(d.num_eval)}]")
+    return (d.train_file, d.train_split), (d.eval_file, d.eval_split)
+
+
+def problems_for(config) -> tuple[prompt_data.ProblemSet, prompt_data.ProblemSet | list]:
+    """(train, eval) problem sets: opened and counted now, each record read when it is needed."""
+    d = config.data
+    (train_spec, train_split), (eval_spec, eval_split) = data_sources(config)
+    train = prompt_data.ProblemSet(
+        open_source(train_spec, split=train_split, data_dir=d.data_dir, default_split="train",
+                    setting="data.train_file"), prompt_field=d.prompt_field, answer_field=d.answer_field)
+    ev = prompt_data.ProblemSet(
+        open_source(eval_spec, split=eval_split, data_dir=d.data_dir, default_split="test", setting="data.eval_file"),
+        prompt_field=d.prompt_field, answer_field=d.answer_field, required_answer=True) if eval_spec else []
     return train, ev
 
 
@@ -112,19 +146,40 @@ def encode_problems(config, tokenizer, template: str | None, problems) -> list:
 
 
 def encode_data(config, tokenizer, template: str | None) -> Data:
-    """The train and eval prompts. Every prompt is rendered once up front, each process taking its
-    share, to check its length (an over-long prompt is an error naming it, on every process) and to
-    fix the padded width P; afterwards a process encodes only the rows it feeds."""
+    """The train and eval problems. Every record is read, checked and rendered once up front, each
+    process taking its share, to check its length (a bad or over-long record is an error naming it,
+    on every process, before any compile) and to fix the padded width P; afterwards a process reads
+    and encodes only the rows it feeds."""
     train, ev = problems_for(config)
     if len(train) < config.batch.prompts_per_step:
-        raise ValueError(f"config.batch.prompts_per_step={config.batch.prompts_per_step} exceeds the "
-                         f"{len(train)} training prompts.")
-    ev = ev[:config.eval.num_problems]
+        raise prompt_data.PromptDataError(
+            f"config.batch.prompts_per_step={config.batch.prompts_per_step} exceeds the {len(train)} training "
+            f"prompts of {train.source.name} (split {train.source.split or 'all'!r}).")
+    n_eval = min(len(ev), int(config.eval.num_problems))
     encode = functools.partial(encode_problems, config, tokenizer, template)
-    lengths = multihost.map_split(lambda share: [len(r) for r in encode(share)] if share else [],
-                                  train + ev, "encoding the prompts", batched=True)
-    return Data(EncodedPrompts(encode, train), [p.answer for p in train], EncodedPrompts(encode, ev),
-                [p.answer for p in ev], max(lengths))
+
+    def lengths_of(share):
+        problems = [train[i] if i < len(train) else ev[i - len(train)] for i in share]
+        return [len(r) for r in encode(problems)] if problems else []
+
+    lengths = multihost.map_split(lengths_of, range(len(train) + n_eval), "reading and encoding the prompts",
+                                  batched=True)
+    return Data(train, EncodedPrompts(encode, ev, n_eval), Answers(ev, n_eval), max(lengths))
+
+
+def train_pipeline(config, data: Data, encode, plan) -> DataPipeline:
+    """The Grain pipeline of the training prompts: each step's prompts_per_step problems in one
+    global order (seed, epoch); this process reads and encodes only the prompts of its rows."""
+    b, s = config.batch.prompts_per_step, config.rollout.samples_per_prompt
+    mine = multihost.feeding_rows(plan, (b * s, data.prompt_len), ("batch", "length"))
+    positions = np.unique(np.asarray(mine) // s)  # rollout row r samples prompt position r // s
+    trace = None
+    if config.data.trace_reads:  # per process: which records it read at each step
+        trace = os.path.join(config.workdir, "data_reads", f"process_{jax.process_index()}.jsonl")
+        os.makedirs(os.path.dirname(trace), exist_ok=True)
+    return DataPipeline(data.train, b, seed=config.seed, shuffle=config.data.shuffle, epoch_end="straddle",
+                        positions=positions, transform=lambda i, problem: encode([problem])[0],
+                        name="training prompts", trace=trace)
 
 
 def stop_ids(config, tokenizer, cfg) -> tuple[int, ...]:
@@ -276,7 +331,7 @@ def run(config) -> dict:
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     plan = sharding.ShardingPlan(mesh)
     log.info("mesh %s; rollout rows/step %d; prompt columns %d; %d train / %d eval prompts",
-             dict(mesh.shape), checked.rollout_rows, data.prompt_len, len(data.train_prompts), len(data.eval_prompts))
+             dict(mesh.shape), checked.rollout_rows, data.prompt_len, len(data.train), len(data.eval_prompts))
 
     steps = config.train.steps
     tx = make_optimizer(config.optimizer, steps)
@@ -287,15 +342,15 @@ def run(config) -> dict:
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         jax.eval_shape(lambda p: init_state(p, tx), qwen.abstract_params(student_cfg, dtype)), st_sh)
     root = jax.random.key(config.seed)
-    stream = prompt_data.PromptStream(len(data.train_prompts), config.batch.prompts_per_step, seed=config.seed,
-                                      shuffle=config.data.shuffle)
+    encode = functools.partial(encode_problems, config, student_tok, template)
+    pipeline = train_pipeline(config, data, encode, plan)
 
     ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     rng_abstract = jax.ShapeDtypeStruct(jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))
     aot_job.check_at_start(config, plan, "opd")  # TPU: does every phase fit this slice? (before any weight)
-    restored = ckpt.restore_latest({"train": abstract_state, "rng": rng_abstract})
+    restored = ckpt.restore_latest({"train": abstract_state, "rng": rng_abstract}, data=pipeline.iterator)
     if restored is None:
         params = load_params(config.student, student_cfg, plan)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
@@ -305,8 +360,12 @@ def run(config) -> dict:
         start, tree, meta = restored
         state = tree["train"]
         root = jax.random.wrap_key_data(tree["rng"])
-        stream.restore(meta["data"])
-        log.info("resumed from %s at step %d (data position %s)", ckpt.directory, start, meta["data"])
+        pipeline.check_signature(meta.get("data"))
+        if pipeline.next_step != start:  # the iterator's own state, restored by Grain's handler
+            raise ckpt_lib.CheckpointError(f"checkpoint step {start} in {ckpt.directory} holds the data pipeline at "
+                                           f"step {pipeline.next_step}; it is not a checkpoint this trainer wrote.")
+        log.info("resumed from %s at step %d (data pipeline at step %d, epoch %.2f)", ckpt.directory, start,
+                 pipeline.next_step, pipeline.epochs_done(start))
     teacher_params = load_params(config.teacher, teacher_cfg, plan)
     # the run's key as a replicated global array: a pod checkpoints only global arrays
     rng_global = multihost.to_global(plan, multihost.to_host(jax.random.key_data(root)), (None,))
@@ -344,11 +403,12 @@ def run(config) -> dict:
     with ckpt_lib.PreemptionGuard() as guard:
         for step in range(start, steps):
             key = jax.random.fold_in(root, step)
-            idx = stream.next_batch()
-            rows = [i for i in idx for _ in range(config.rollout.samples_per_prompt)]
+            batch_data = next(pipeline)  # this step's prompts; this process's rows read and encoded
+            prompts = dict(zip(batch_data.indices[batch_data.positions].tolist(), batch_data.items))
+            rows = [int(i) for i in batch_data.indices for _ in range(config.rollout.samples_per_prompt)]
             batch, decision, roll, scores, timings = rollout_and_release(
                 config, settings, sampling, state["params"], teacher_params, student_cfg, teacher_cfg,
-                student_tok, data.train_prompts, rows, data.prompt_len, key, plan)
+                student_tok, prompts, rows, data.prompt_len, key, plan)
             m = rollout_metrics(decision, roll, scores)  # before the update is queued behind them
             every = config.metrics.pictures_every
             pictures = every and (step + 1) % every == 0 and writing
@@ -365,7 +425,7 @@ def run(config) -> dict:
             out = multihost.to_host(out)
             timings["update_s"] = time.perf_counter() - t
             m = step_metrics(m, out, timings, lr_at(step))
-            m["data/epoch"] = stream.epochs_done
+            m["data/epoch"] = pipeline.epochs_done(step + 1)
             writer.write(step + 1, m)
             per_step.append(m)
             progress.update(step + 1, tokens=m["rollout/tokens"],
@@ -378,8 +438,8 @@ def run(config) -> dict:
                 # a run killed after the save resumes here and must not lose this step's record.
                 writer.flush()
                 ckpt.save(step + 1, {"train": state, "rng": rng_global},
-                          {"data": stream.state(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
-                          force=True)
+                          {"data": pipeline.signature(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
+                          force=True, data=pipeline.iterator)
             if preempted:
                 log.warning("%s: saved the checkpoint at step %d; exiting cleanly", guard.signal_name or "SIGTERM",
                             step + 1)

@@ -173,11 +173,12 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
         raise ConfigError(f"config.data.task={c.data.task!r}: choose '' (read data.train_file) or 'toy_arithmetic'.")
     if not c.data.task:
         if not c.data.train_file:
-            raise ConfigError("config.data.train_file is empty; give a JSONL/Parquet prompt file "
+            raise ConfigError("config.data.train_file is empty; give a prompt source: a JSONL/Parquet/ArrayRecord file, a TFDS or save_to_disk directory, or tfds:NAME "
                               "(or data.task='toy_arithmetic' for the embedded task).")
         for f in ("train_file", "eval_file"):
             p = c.data[f]
-            if p and not os.path.isfile(p):
+            local = p and "://" not in p and not p.startswith("tfds:") and not any(ch in p for ch in "*?,")
+            if local and not os.path.exists(p):  # the source itself is opened (and checked) with the data
                 raise ConfigError(f"config.data.{f}={p!r} does not exist.")
 
     # Models: config.json only (cheap), then sizes that depend on them.
