@@ -20,9 +20,11 @@ count or another host gets the same records in the same batch positions.
 Each process reads only its rows. `positions` are the batch positions whose records this process
 feeds to its devices (from the mesh: `multihost.feeding_rows`); the pipeline reads and transforms
 those records only, in Grain's prefetch thread while the device works. Grain's `ShardByJaxProcess`
-gives a process a fixed 1/P of the records instead; that equals our positions only for a pure
-data-parallel mesh, and with a model axis across hosts several processes feed the same rows and must
-read the same records, so the positions come from the mesh.
+would instead give each process a fixed 1/P of the records (its shard, every epoch): each host
+would then read a 1/P share too, but the global batch would depend on the process count and the
+shuffle would no longer be global, and with a model axis across hosts (several processes feeding
+the same rows, which must read the same records) it would be wrong. So the positions come from
+the mesh: on a pure data-parallel mesh each process reads 1/P of every global batch.
 
 State. The iterator is Grain's own (`MapDataset` -> `to_iter_dataset`): its state is the next step,
 saved by Grain's orbax CheckpointHandler (opdjax.train.checkpoint). `signature()` (records, batch
