@@ -65,11 +65,12 @@ def run(config) -> dict:
         if not splits:
             raise PromptDataError("config.prepare.splits is empty; give e.g. \"train=problems.jsonl;test=eval.jsonl\".")
         out = None
+        # every process opens the sources (a shipped tfds: source is prepared collectively); process 0 writes
+        sources = {split: open_source(spec, split=p.source_split, data_dir=p.source_data_dir,
+                                      setting=f"config.prepare.splits[{split}]") for split, spec in splits}
         error = None
         if multihost.is_writer():
             try:
-                sources = {split: open_source(spec, split=p.source_split, data_dir=p.source_data_dir,
-                                              setting=f"config.prepare.splits[{split}]") for split, spec in splits}
                 records = {split: _pairs(src) for split, src in sources.items()}
                 out = builders.prepare(records, name=p.name, data_dir=data_dir, version=p.version,
                                        description=p.description, sources=dict(splits), overwrite=p.overwrite)
