@@ -110,3 +110,103 @@ def test_opd_data_errors_name_dataset_split_record_and_field(prepared, tmp_path,
                         tokenizer, None)
     with pytest.raises(PromptDataError, match=r"no prepared TFDS dataset 'nothing_here' in .*tfds"):
         opd.encode_data(_config(tmp_path, train_file="tfds:nothing_here", data_dir=d), tokenizer, None)
+
+
+# ---------------------------------------------------------------- review regressions (each failed before)
+def test_a_dataset_with_named_splits_has_no_label_split(tmp_path):
+    from opdjax.data import builders
+
+    builders.prepare({"train": [{"prompt": "a"}]}, name="only_train", data_dir=str(tmp_path))
+    with pytest.raises(PromptDataError, match=r"no split 'test'.*data\.eval_split"):
+        open_source("tfds:only_train", split="test", data_dir=str(tmp_path), setting="data.eval_file")
+    f = tmp_path / "one.jsonl"
+    f.write_text('{"prompt": "a"}\n')
+    assert open_source(str(f), split="test")[0] == {"prompt": "a"}  # a single file: the name is a label
+
+
+def test_prepare_reads_the_split_of_the_same_name(tmp_path):
+    from opdjax.data import builders
+
+    src = {"train": [{"p": "train0"}], "test": [{"p": "test0"}]}
+    builders.prepare(src, name="two_splits", data_dir=str(tmp_path))
+    out = _launch(["--config.prepare.name=copied", f"--config.prepare.data_dir={tmp_path}",
+                   f"--config.prepare.source_data_dir={tmp_path}",
+                   "--config.prepare.splits=train=tfds:two_splits;test=tfds:two_splits"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = open_source("tfds:copied", split="test", data_dir=str(tmp_path))
+    assert got[0] == {"p": "test0"}
+    out = _launch(["--config.prepare.name=copied2", f"--config.prepare.data_dir={tmp_path}",
+                   f"--config.prepare.source_data_dir={tmp_path}", "--config.prepare.splits=eval=tfds:two_splits"],
+                  tmp_path)
+    assert out.returncode == 2 and "config.prepare.source_split" in out.stderr, out.stderr[-2000:]
+
+
+def test_nullable_numbers_keep_their_type(tmp_path):
+    from opdjax.data import builders
+
+    records = [{"n": 3, "x": 1.5, "flag": False, "ids": [1]}, {"n": None, "x": None, "flag": None, "ids": None}]
+    builders.prepare({"train": records}, name="nullable", data_dir=str(tmp_path))
+    src = open_source("tfds:nullable", data_dir=str(tmp_path))
+    assert [src[0], src[1]] == records
+
+
+def test_a_tf_example_holding_a_brace_byte_is_not_json(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    for n in range(100, 130):  # one of these lengths puts 0x7b ("{") right after the leading 0x0a
+        ex = tf_example_pb2.Example()
+        ex.features.feature["prompt"].bytes_list.value.append(b"x" * n)
+        path = tmp_path / f"ex{n}.array_record"
+        w = ArrayRecordWriter(str(path), "group_size:1")
+        w.write(ex.SerializeToString())
+        w.close()
+        assert open_source(str(path))[0] == {"prompt": "x" * n}
+
+
+def test_split_errors_name_the_split_field(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n')
+    with pytest.raises(PromptDataError, match=r"data\.train_split='train\[:x\]' is not a TFDS split expression"):
+        open_source(str(f), split="train[:x]")
+    with pytest.raises(PromptDataError, match=r"selects no records \(data\.eval_file, data\.eval_split\)"):
+        open_source(str(f), split="train[1:]", setting="data.eval_file")
+
+
+def test_jsonl_blank_lines_and_line_ends(tmp_path):
+    f = tmp_path / "mac.jsonl"
+    f.write_bytes(b'{"a": 1}\r{"a": 2}\r')  # bare \r line ends
+    assert [r["a"] for r in open_source(str(f))] == [1, 2]
+    f = tmp_path / "blank.jsonl"
+    f.write_text('  {"a": 1}\n\u00a0\n \t \n\n{"a": 2}\r\n', encoding="utf-8")  # no-break space: blank
+    src = open_source(str(f))
+    assert [r["a"] for r in src] == [1, 2] and src.where(1) == f"{f}:5"
+
+
+def test_home_relative_paths_and_jsonl_globs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    assert len(open_source("~/p.jsonl")) == 1
+    from opdjax.data import builders
+
+    assert builders.default_data_dir("~/tfds") == str(tmp_path / "tfds")
+    with pytest.raises(PromptDataError, match="names ArrayRecord files only"):
+        open_source(str(tmp_path / "*.jsonl"))
+
+
+def test_a_checkpoint_without_data_state_is_a_mismatch_not_damage(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from opdjax.data.pipeline import DataPipeline
+    from opdjax.train.checkpoint import CheckpointMismatchError, Checkpointer
+
+    tree = {"w": jnp.ones((2,))}
+    ck = Checkpointer(tmp_path / "ck", async_save=False)
+    ck.save(1, tree, {"step": 1})  # no data item: as an opdjax before the pipeline wrote it
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=sh)}
+    with pytest.raises(CheckpointMismatchError, match="no data pipeline state"):
+        ck.restore_latest(abstract, data=DataPipeline(range(4), 2, seed=0).iterator)
+    assert ck.all_steps() == [1]  # not set aside as damaged
+    ck.close()

@@ -104,7 +104,8 @@ def dail_config() -> ml_collections.ConfigDict:
 
     # Step 2: contrastive distillation.
     c.train = ml_collections.ConfigDict()
-    c.train.traces = ""  # "" = the synthesis output
+    c.train.traces = ""  # "" = the synthesis output; or any data-layer source (e.g. tfds:NAME prepared from it)
+    c.train.traces_split = ""  # its split, TFDS syntax ("" = the only one, else "train")
     c.train.gamma = 0.1  # weight of the negative (hint-context) KL term
     c.train.divergence = "reverse"  # reverse: KL(student || ref) | forward: KL(ref || student)
     # Guard on the negative term (unbounded below in principle): per token, min(KL_neg, clip)

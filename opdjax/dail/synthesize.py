@@ -81,6 +81,7 @@ from opdjax.data import grading
 from opdjax.data.prompts import left_pad
 from opdjax.models.config import ModelConfig
 from opdjax.train import metrics as metrics_lib
+from opdjax.data.sources import missing_local_path
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
     if not d.problems:
         raise SynthesisConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet / "
                                    "ArrayRecord file, a TFDS or save_to_disk directory, or tfds:NAME.")
-    local = "://" not in d.problems and not d.problems.startswith("tfds:") and not any(c in d.problems for c in "*?,")
-    if local and not os.path.exists(d.problems):
+    if missing_local_path(d.problems):
         raise SynthesisConfigError(f"config.data.problems={d.problems!r} does not exist.")
     if not _is_int(d.limit) or d.limit < 0:
         raise SynthesisConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")

@@ -37,7 +37,7 @@ from opdjax.dail.config import dail_config
 from opdjax.dail.memory import check_fits, estimate_dail_memory
 from opdjax.dail.prompts import check_templates, render_contexts
 from opdjax.data.pipeline import DataPipeline
-from opdjax.data.sources import PromptDataError, open_source
+from opdjax.data.sources import PromptDataError, missing_local_path, open_source
 from opdjax.models import lora, qwen
 from opdjax.train import checkpoint as ckpt_lib
 from opdjax.train import metrics as metrics_lib
@@ -81,8 +81,7 @@ def validate(config):
     except ValueError as e:
         raise ConfigError(str(e)) from e
     traces = traces_path(config)
-    local = "://" not in traces and not traces.startswith("tfds:") and not any(c in traces for c in "*?,")
-    if local and not os.path.exists(traces):
+    if missing_local_path(traces):
         raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
                           "(job dail_synthesize) or point train.traces at a traces JSONL file.")
     cfg = model_cfg(config.model, "model", attention=config.model.attention)
@@ -94,13 +93,14 @@ def traces_path(config) -> str:
     return config.train.traces or config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
 
 
-def load_traces(path: str, data_dir: str = "") -> list[tuple[str, dict]]:
+def load_traces(path: str, data_dir: str = "", split: str = "") -> list[tuple[str, dict]]:
     """(record name, record) of every kept trace, from the synthesis's traces.jsonl or any source of
     the data layer (e.g. a TFDS dataset prepare_data made of it); records without a trace (skipped
     problems) are left out. A record missing a field is an error naming it (file and line, or
     dataset, split and record)."""
     try:
-        src = open_source(path, data_dir=data_dir, default_split="train", setting="train.traces")
+        src = open_source(path, split=split, data_dir=data_dir, default_split="train", setting="train.traces",
+                          split_setting="train.traces_split")
     except PromptDataError as e:
         raise ValueError(str(e)) from None
     out = []
@@ -238,7 +238,7 @@ def run(config) -> dict:
     tok = load_tokenizer_for(config.model, "model")
     stop_id = tok.eos_token_id
     path = traces_path(config)
-    traces = multihost.run_everywhere(lambda: load_traces(path, config.data.data_dir), f"reading the traces {path}")
+    traces = multihost.run_everywhere(lambda: load_traces(path, config.data.data_dir, config.train.traces_split), f"reading the traces {path}")
     multihost.agree((len(traces), multihost.fingerprint([r for _, r in traces])), f"traces in {path}")
     data = encode_traces(traces, tok, config.prompts, stop_id, pad_id=cfg.pad_token_id or 0,
                          max_response_tokens=config.train.max_response_tokens)

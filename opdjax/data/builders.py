@@ -11,8 +11,9 @@ Features are read off the records (every split, every record), so nothing is dro
   a field mixing text and numbers -> Text (a number kept as its text, e.g. 32 -> "32");
   a field mixing str and list of str -> Sequence(Text) (a str as a one-element list);
   dicts, nested lists, mixed lists -> Text holding its JSON, decoded again on read.
-A field that is null or missing in some records is stored as Text with "" for null and read back
-as None ("" and null are the same thing afterwards). The dataset keeps the records' order (no TFDS
+A field that is null or missing in some records reads back as None: a text field stores "" for
+null ("" and null are the same thing afterwards); a number, bool or list field is stored as JSON
+text ("" for null), so 3 reads back as 3, not "3". The dataset keeps the records' order (no TFDS
 shuffling) with keys 0..n-1, so record i of the prepared split is record i of the input.
 
 metadata.json (TFDS's MetadataDict, beside dataset_info.json, which holds the record and byte
@@ -89,8 +90,10 @@ def _feature_rule(field: str, kinds: set[str]) -> tuple[str, bool]:
         return "seq_float", nullable
     if kinds & {"list_str", "list_int", "list_float"}:
         return "json", nullable
-    if nullable or "str" in kinds:
+    if "str" in kinds:  # text, or text mixed with numbers (kept as their text)
         return "text", nullable
+    if nullable:  # a number or bool that is null somewhere: JSON text, so 3 reads back as 3, null as None
+        return "json", True
     if kinds == {"bool"}:
         return "bool", False
     if kinds <= {"int"}:
@@ -194,7 +197,8 @@ def default_data_dir(data_dir: str = "") -> str:
     """`data_dir`, or TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets (read now, not at import)."""
     from tensorflow_datasets.core import constants
 
-    return data_dir or constants.get_default_data_dir()
+    data_dir = data_dir or constants.get_default_data_dir()
+    return data_dir if "://" in data_dir else os.path.expanduser(data_dir)  # "~/tfds" from a config flag
 
 
 # ---------------------------------------------------------------------------------- builder
@@ -360,15 +364,16 @@ def shipped_builder(name: str, data_dir: str):
             log.info("preparing the shipped dataset %s in %s", name, data_dir)
             prepare(make(seed), name=base, data_dir=data_dir, description=description, config=config)
 
-    if multihost.is_writer():
+    def attempt(writer: bool):
+        """ensure() on the processes whose turn it is; a failure is raised on every process."""
         error = None
-        try:
-            ensure()
-        except Exception as e:  # noqa: BLE001 -- shared below so no process waits alone
-            error = e
-    else:
-        error = None
-    multihost.raise_if_any_failed(error, f"preparing {name}")
-    if not multihost.is_writer():
-        ensure()
+        if multihost.is_writer() == writer:
+            try:
+                ensure()
+            except Exception as e:  # noqa: BLE001 -- shared below so no process waits alone
+                error = e
+        multihost.raise_if_any_failed(error, f"preparing {name}")
+
+    attempt(writer=True)  # process 0 first; then a process that cannot see it (data_dir not shared)
+    attempt(writer=False)  # prepares its own identical copy
     return tfds.builder_from_directory(built_dir())

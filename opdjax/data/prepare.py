@@ -16,6 +16,7 @@ its counts (dataset_info.json) and the SHA-256 of each source file and each writ
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -65,9 +66,15 @@ def run(config) -> dict:
         if not splits:
             raise PromptDataError("config.prepare.splits is empty; give e.g. \"train=problems.jsonl;test=eval.jsonl\".")
         out = None
-        # every process opens the sources (a shipped tfds: source is prepared collectively); process 0 writes
-        sources = {split: open_source(spec, split=p.source_split, data_dir=p.source_data_dir,
-                                      setting=f"config.prepare.splits[{split}]") for split, spec in splits}
+        # Every process opens the sources, one after the other (a shipped tfds: source is prepared
+        # collectively; a failure on any process is raised on all); process 0 writes. A source with
+        # several splits gives the split of the same name unless prepare.source_split says otherwise.
+        sources = {}
+        for split, spec in splits:
+            sources[split] = multihost.run_everywhere(
+                functools.partial(open_source, spec, split=p.source_split, data_dir=p.source_data_dir,
+                                  default_split=split, setting=f"config.prepare.splits[{split}]",
+                                  split_setting="config.prepare.source_split"), f"opening {spec}")
         error = None
         if multihost.is_writer():
             try:

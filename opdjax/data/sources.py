@@ -68,7 +68,16 @@ def _is_remote(path: str) -> bool:
 
 
 def _path(path: str) -> epath.Path:
-    return epath.Path(path if _is_remote(path) else os.path.abspath(path))
+    return epath.Path(path if _is_remote(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def missing_local_path(spec: str) -> bool:
+    """True for a plain local path (no tfds:, URL, glob or list) that does not exist: what config
+    validation reports by field name before anything is opened."""
+    spec = (spec or "").strip()
+    if not spec or spec.startswith(TFDS_PREFIX) or _is_remote(spec) or any(c in spec for c in "*?[,"):
+        return False
+    return not os.path.exists(os.path.expanduser(spec))
 
 
 class RecordSource:
@@ -141,11 +150,19 @@ class JsonlSource(RecordSource):
         self._data = data
         buf = np.frombuffer(data, np.uint8) if len(data) else np.zeros((0,), np.uint8)
         ends = np.flatnonzero(buf == 10)
-        starts = np.concatenate([[0], ends + 1])
-        stops = np.concatenate([ends, [len(buf)]])
-        # a line is blank when it holds only whitespace: count non-space bytes before each offset
-        solid = np.concatenate([[0], np.cumsum(~np.isin(buf, (9, 10, 11, 12, 13, 32)))])
-        keep = solid[stops] > solid[starts]
+        if not len(ends) and len(buf) and (buf == 13).any():  # old Mac line ends: a bare \r
+            ends = np.flatnonzero(buf == 13)
+        starts = np.concatenate([[0], ends + 1]).astype(np.int64)
+        stops = np.concatenate([ends, [len(buf)]]).astype(np.int64)
+        # Blank lines (only whitespace) are not records. Memory stays ~1 byte per file byte: only a
+        # line that is empty or starts with whitespace or a non-ASCII byte is decoded and stripped
+        # (as Python's str.strip does, so a no-break-space line is blank too).
+        first = buf[np.minimum(starts, max(len(buf) - 1, 0))] if len(buf) else np.zeros(len(starts), np.uint8)
+        maybe_blank = (stops <= starts) | np.isin(first, (9, 10, 11, 12, 13, 32)) | (first >= 0x80)
+        keep = ~maybe_blank
+        for k in np.flatnonzero(maybe_blank):
+            if stops[k] > starts[k]:
+                keep[k] = bool(bytes(data[starts[k]:stops[k]]).decode("utf-8", "replace").strip())
         self._starts, self._stops = starts[keep], stops[keep]
         self._lines = np.flatnonzero(keep) + 1  # 1-based, as an editor counts
 
@@ -243,7 +260,7 @@ class ArrowDirSource(RecordSource):
             except (ValueError, KeyError, TypeError) as e:
                 raise PromptDataError(f"{dict_file}: not a readable datasets DatasetDict index ({e}); re-save "
                                       "the dataset with save_to_disk.") from None
-            self.split = _pick_split(path, split, splits, default_split, setting)
+            self.split = _pick_split(path, split, splits, default_split, split_setting_for(setting))
             ds_dir = root / self.split
         self.name = str(ds_dir) if self.split else path
         state_file = ds_dir / "state.json"
@@ -315,11 +332,15 @@ def decode_array_record(raw: bytes) -> dict[str, Any]:
     """One ArrayRecord record: a UTF-8 JSON object, or a serialized tf.train.Example (parsed with
     TFDS's own copy of the proto: no TensorFlow). An Example has no scalars, so a one-element list
     reads as its element."""
-    head = raw.lstrip()[:1]
-    if head == b"{":
-        return json.loads(raw.decode("utf-8"))
     from tensorflow_datasets.proto import tf_example_pb2
 
+    # An Example starts with byte 0x0a and may hold 0x7b ("{") next: try JSON only on a leading "{"
+    # (no whitespace stripped) and fall back to the proto.
+    if raw[:1] == b"{":
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
     example = tf_example_pb2.Example.FromString(raw)
     out = {}
     for key, feature in example.features.feature.items():
@@ -385,11 +406,16 @@ class TfdsSource(RecordSource):
         from opdjax.data.builders import decode_record  # noqa: PLC0415
 
         try:
-            return decode_record(_plain(self._source[i]), self._meta)
+            raw = _plain(self._source[i])
         except Exception as e:  # noqa: BLE001
             raise PromptDataError(
                 f"{self.where(i)}: unreadable (shard {self._shards.file_of(i)}: {type(e).__name__}: {e}). The shard "
                 "is damaged or truncated; re-prepare the dataset or copy its files again.") from None
+        try:
+            return decode_record(raw, self._meta)
+        except ValueError as e:
+            raise PromptDataError(f"{self.where(i)}: a JSON field of this record does not parse ({e}); the dataset's "
+                                  "metadata.json and its records disagree: re-prepare it.") from None
 
 
 def _check_shards(label: str, split: str, files: Sequence[str], split_info) -> None:
@@ -506,9 +532,9 @@ def split_setting_for(setting: str) -> str:
     return f"{section}.split" if section else "split"
 
 
-def _pick_split(name: str, split: str, splits: Sequence[str], default_split: str, setting: str) -> str:
-    """The split to read: the one given (it must exist), else the only one, else `default_split`."""
-    split_setting = split_setting_for(setting)
+def _pick_split(name: str, split: str, splits: Sequence[str], default_split: str, split_setting: str) -> str:
+    """The split to read: the one given (it must exist), else the only one, else `default_split`.
+    `split_setting` is the config field holding the split, named in the errors."""
     if split:
         if split not in splits:
             raise PromptDataError(f"{name} has splits {list(splits)}; there is no split {split!r}. Set "
@@ -551,9 +577,11 @@ _SPLIT_NAME = re.compile(r"^([\w\-]+)")
 
 
 def select(spec: str, split: str, open_split, splits: Sequence[str], default_split: str, setting: str,
-           label: str) -> RecordSource:
+           label: str, *, labels: bool = False) -> RecordSource:
     """The records of `split` (TFDS split syntax) over a dataset whose splits are `splits`;
-    `open_split(name)` opens one whole split. One split -> any name labels it."""
+    `open_split(name)` opens one whole split. `labels`: a single file, whose one split any name
+    labels; a dataset with named splits must have the split asked for. `setting` is the config
+    field holding the split."""
     tfds = _tfds()
     split = split.strip()
     if not split:
@@ -562,14 +590,14 @@ def select(spec: str, split: str, open_split, splits: Sequence[str], default_spl
     try:
         instruction = tfds.core.ReadInstruction.from_spec(split)
     except (ValueError, AssertionError, AttributeError) as e:
-        raise PromptDataError(f"{setting}: split {split!r} is not a TFDS split expression ({e}); write e.g. "
+        raise PromptDataError(f"{setting}={split!r} is not a TFDS split expression ({e}); write e.g. "
                               "'train', 'train[:90%]', 'train[100:200]' or 'train[:50%]+test'.") from None
     names = []
     for part in split.split("+"):
         m = _SPLIT_NAME.match(part.strip())
         if m and m.group(1) not in names:
             names.append(m.group(1))
-    single = len(splits) == 1
+    single = labels and len(splits) == 1
     for n in names:
         if not single and n not in splits:
             _pick_split(label, n, splits, default_split, setting)  # raises, naming the splits
@@ -605,11 +633,15 @@ def source_kind(spec: str) -> str:
 
 
 def open_source(spec: str | os.PathLike, *, split: str = "", data_dir: str = "", default_split: str = "train",
-                setting: str = "data.train_file") -> RecordSource:
+                setting: str = "data.train_file", split_setting: str = "") -> RecordSource:
     """The records `spec` names (see the module docstring), `split` selected. Raises
-    PromptDataError naming `setting` (the config field the spec came from) when it cannot be read,
-    and when the selection is empty."""
+    PromptDataError naming `setting` (the config field the spec came from; `split_setting` the one
+    holding the split, default from `split_setting_for`) when it cannot be read, and when the
+    selection is empty."""
     spec = os.fspath(spec).strip() if spec is not None else ""
+    ss = split_setting or split_setting_for(setting)
+    if spec and not spec.startswith(TFDS_PREFIX) and not _is_remote(spec):
+        spec = ",".join(os.path.expanduser(part.strip()) for part in spec.split(","))  # "~/data/x.jsonl"
     if not spec:
         raise PromptDataError(f"{setting} is empty; give a .jsonl / .parquet / ArrayRecord file, a dataset "
                               "directory (TFDS or save_to_disk) or 'tfds:NAME'.")
@@ -620,7 +652,7 @@ def open_source(spec: str | os.PathLike, *, split: str = "", data_dir: str = "",
     if kind in ("tfds", "tfds_dir"):
         builder, label = _tfds_builder(spec, data_dir, setting)
         splits = list(builder.info.splits.keys())
-        src = select(spec, split, lambda n: TfdsSource(builder, n, label), splits, default_split, setting, label)
+        src = select(spec, split, lambda n: TfdsSource(builder, n, label), splits, default_split, ss, label)
     elif kind == "save_to_disk":
         root = _path(spec)
         if (root / "dataset_dict.json").exists():
@@ -630,23 +662,28 @@ def open_source(spec: str | os.PathLike, *, split: str = "", data_dir: str = "",
                 raise PromptDataError(f"{root / 'dataset_dict.json'}: not a readable datasets DatasetDict index "
                                       f"({e}); re-save the dataset with save_to_disk.") from None
             src = select(spec, split, lambda n: ArrowDirSource(spec, n, default_split, setting), splits,
-                         default_split, setting, spec)
+                         default_split, ss, spec)
         else:
             src = select(spec, split, lambda n: ArrowDirSource(spec, "", default_split, setting), ["train"],
-                         default_split, setting, spec)
+                         default_split, ss, spec, labels=True)
     else:
         if kind == "array_record":
             files = _array_record_files(spec)
             whole = lambda n: ArrayRecordSource(files)  # noqa: E731
-        elif kind == "parquet":
-            whole = lambda n: ParquetSource(spec)  # noqa: E731
         else:
-            gz = _file_kind(spec)[1]
-            whole = lambda n: JsonlSource(spec, gz)  # noqa: E731
-        src = select(spec, split, whole, ["train"], default_split, setting, spec)
+            if "," in spec or any(c in spec for c in "*?["):
+                raise PromptDataError(f"{setting}={spec!r}: a glob or a comma list names ArrayRecord files only; give "
+                                      "one JSONL / Parquet file (or prepare several into one TFDS dataset with "
+                                      "prepare_data).")
+            if kind == "parquet":
+                whole = lambda n: ParquetSource(spec)  # noqa: E731
+            else:
+                gz = _file_kind(spec)[1]
+                whole = lambda n: JsonlSource(spec, gz)  # noqa: E731
+        src = select(spec, split, whole, ["train"], default_split, ss, spec, labels=True)
     if len(src) == 0:
         shown = f" split {split!r}" if split else ""
-        raise PromptDataError(f"{getattr(src, 'name', spec) or spec}{shown} selects no records ({setting}); "
+        raise PromptDataError(f"{getattr(src, 'name', spec) or spec}{shown} selects no records ({setting}, {ss}); "
                               "check the split expression or the file.")
     return src
 

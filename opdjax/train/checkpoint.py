@@ -765,6 +765,8 @@ class Checkpointer:
             # a config mismatch is not damage: it must stop the run, not skip to an older step
             _raise_on_all(_error_of(lambda: self._check_matches(step, abstract_state,
                                                                 allow_dtype_cast=allow_dtype_cast)))
+            if data is not None:  # written without a data pipeline (an older opdjax): not damage either
+                _raise_on_all(_error_of(lambda: self._check_has_data(step)))
             state = meta = problem = None
             try:
                 state, meta = self._read(step, abstract_state, data)
@@ -780,6 +782,13 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} is damaged: {reason}. Delete {self._step_dir(step)} "
                 f"(Checkpointer.restore_latest falls back to an older step by itself).", step=step, reason=reason)
         return state, meta
+
+    def _check_has_data(self, step: int) -> None:
+        if not (self._step_dir(step) / DATA_ITEM).is_dir():
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} has no data pipeline state ({DATA_ITEM}/): it was written "
+                "by an opdjax without the Grain pipeline, and resuming would not know which records come next. Start "
+                "from a new workdir (config.workdir / config.checkpoint.directory).")
 
     def _set_aside(self, steps: list[int]) -> list[str]:
         """Rename damaged steps to ``<step>.damaged`` (process 0; deleted if renaming fails), so

@@ -129,12 +129,18 @@ def problems_for(config) -> tuple[prompt_data.ProblemSet, prompt_data.ProblemSet
     """(train, eval) problem sets: opened and counted now, each record read when it is needed."""
     d = config.data
     (train_spec, train_split), (eval_spec, eval_split) = data_sources(config)
-    train = prompt_data.ProblemSet(
-        open_source(train_spec, split=train_split, data_dir=d.data_dir, default_split="train",
-                    setting="data.train_file"), prompt_field=d.prompt_field, answer_field=d.answer_field)
-    ev = prompt_data.ProblemSet(
-        open_source(eval_spec, split=eval_split, data_dir=d.data_dir, default_split="test", setting="data.eval_file"),
-        prompt_field=d.prompt_field, answer_field=d.answer_field, required_answer=True) if eval_spec else []
+    # on every process; a source one process cannot open is an error on all of them (no one waits)
+    opened = multihost.run_everywhere(lambda: open_source(
+        train_spec, split=train_split, data_dir=d.data_dir, default_split="train", setting="data.train_file"),
+        f"opening {train_spec}")
+    train = prompt_data.ProblemSet(opened, prompt_field=d.prompt_field, answer_field=d.answer_field)
+    ev = []
+    if eval_spec:
+        opened = multihost.run_everywhere(lambda: open_source(
+            eval_spec, split=eval_split, data_dir=d.data_dir, default_split="test", setting="data.eval_file"),
+            f"opening {eval_spec}")
+        ev = prompt_data.ProblemSet(opened, prompt_field=d.prompt_field, answer_field=d.answer_field,
+                                    required_answer=True)
     return train, ev
 
 

@@ -17,6 +17,7 @@ from opdjax.models import attention as attention_lib
 from opdjax.models.config import ModelConfig
 from opdjax.teachability.rule import ReleaseSettings, settings_from_config
 from opdjax.train.config import opd_config
+from opdjax.data.sources import missing_local_path
 
 
 class ConfigError(ValueError):
@@ -177,8 +178,7 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
                               "(or data.task='toy_arithmetic' for the embedded task).")
         for f in ("train_file", "eval_file"):
             p = c.data[f]
-            local = p and "://" not in p and not p.startswith("tfds:") and not any(ch in p for ch in "*?,")
-            if local and not os.path.exists(p):  # the source itself is opened (and checked) with the data
+            if missing_local_path(p):  # the source itself is opened (and checked) with the data
                 raise ConfigError(f"config.data.{f}={p!r} does not exist.")
 
     # Models: config.json only (cheap), then sizes that depend on them.
