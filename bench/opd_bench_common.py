@@ -259,7 +259,7 @@ class OPDHarness:
         meter = LoadMeter().start()
         key = jax.random.fold_in(self.root, i)
         step_data = next(self.pipeline)
-        prompts = dict(zip(step_data.indices[step_data.positions].tolist(), step_data.items))
+        prompts = step_data.by_index()
         rows = [int(j) for j in step_data.indices for _ in range(c.rollout.samples_per_prompt)]
         self.rows_log.append([list(map(int, prompts[j])) for j in rows])
         batch, decision, roll, scores, timings = opd.rollout_and_release(

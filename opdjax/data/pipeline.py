@@ -53,6 +53,10 @@ class Step:
     positions: np.ndarray  # the batch positions this process feeds
     items: list  # transform(index, record) for each of `positions` (None for a filler)
 
+    def by_index(self) -> dict[int, Any]:
+        """{record index: item} of this process's positions (a record twice in a batch: once)."""
+        return dict(zip(self.indices[self.positions].tolist(), self.items))
+
 
 class _PadTo:
     def __init__(self, size: int):

@@ -32,6 +32,7 @@ naming the dataset, split, record index and file, raised before any compile wher
 from __future__ import annotations
 
 import collections
+import abc
 import glob
 import gzip
 import json
@@ -80,20 +81,20 @@ def missing_local_path(spec: str) -> bool:
     return not os.path.exists(os.path.expanduser(spec))
 
 
-class RecordSource:
+class RecordSource(abc.ABC):
     """Random access to one split's records. Subclasses set `name` (for messages), `split` and
     implement `__len__`, `_get(i)` (the decoded record) and `where(i)`."""
     name: str = ""
     split: str = ""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def _get(self, i: int) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _get(self, i: int) -> dict[str, Any]: ...
 
-    def where(self, i: int) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def where(self, i: int) -> str: ...
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i)

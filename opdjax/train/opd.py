@@ -410,7 +410,7 @@ def run(config) -> dict:
         for step in range(start, steps):
             key = jax.random.fold_in(root, step)
             batch_data = next(pipeline)  # this step's prompts; this process's rows read and encoded
-            prompts = dict(zip(batch_data.indices[batch_data.positions].tolist(), batch_data.items))
+            prompts = batch_data.by_index()
             rows = [int(i) for i in batch_data.indices for _ in range(config.rollout.samples_per_prompt)]
             batch, decision, roll, scores, timings = rollout_and_release(
                 config, settings, sampling, state["params"], teacher_params, student_cfg, teacher_cfg,
