@@ -66,8 +66,8 @@ def parse_args(argv=None):
 
 def prompts_for(tok, rows):
     from opdjax.data import prompts as prompt_data
-    from opdjax.data import toy_task
-    probs = toy_task.make_problems(rows, seed=0, split="train")
+    from opdjax.toy import arithmetic
+    probs = arithmetic.make_problems(rows, seed=0, split="train")
     ids = prompt_data.encode_prompts(tok, [p["prompt"] for p in probs], max_prompt_tokens=4096)
     return prompt_data.left_pad(ids, tok.pad_token_id)
 

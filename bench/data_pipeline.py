@@ -14,7 +14,7 @@ tokenizer (`encode_prompts`, what OPD's per-row transform does), on the first --
 records. The process is pinned to one core (os.sched_setaffinity), reader thread included.
 
 Need: for each config in configs/, records per step (OPD: batch.prompts_per_step; DAIL:
-train.sequences_per_step) / its estimated step time: the roofline step of
+batch.sequences_per_step) / its estimated step time: the roofline step of
 bench/results/compile/summary.md, else a "~N s (min) per step" estimate in the config's docstring,
 else a conservative 1 s per step. The ratio is the slowest source's rate (with encoding) over the
 largest need; it must be >= 100x. (On a pod each process reads only its rows, so its need is lower.)
@@ -151,8 +151,8 @@ def config_needs() -> list[dict]:
             continue
         if "batch" in c and "prompts_per_step" in c.batch:
             kind, per_step = "OPD prompts_per_step", int(c.batch.prompts_per_step)
-        elif "train" in c and "sequences_per_step" in c.train:
-            kind, per_step = "DAIL sequences_per_step", int(c.train.sequences_per_step)
+        elif "batch" in c and "sequences_per_step" in c.batch:
+            kind, per_step = "DAIL sequences_per_step", int(c.batch.sequences_per_step)
         else:
             continue
         if name in known:
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     jsonl_bytes = np.mean([len(json.dumps(r, ensure_ascii=False).encode()) for r in records])
 
     from opdjax.data.tokenizer import load_tokenizer
-    from opdjax.models.toy_pair import load_toy_pair
+    from opdjax.toy.opd_pair import load_toy_pair
 
     tok = load_tokenizer(load_toy_pair()[1])
 

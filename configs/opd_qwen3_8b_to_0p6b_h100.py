@@ -9,18 +9,15 @@ on one NVIDIA H100 80 GB (an H200 works unchanged).
         --config.student.path=ckpt/Qwen3-0.6B --config.teacher.path=ckpt/Qwen3-8B \
         --config.data.train_file=data/math_train.jsonl --config.data.eval_file=data/math500.jsonl
 
-(JAX preallocates 75% of GPU memory by default; the estimate below fits in that too, and 0.95
-leaves room for XLA's temporaries.)
+    python launch/tpu_run.py --config configs/opd_qwen3_8b_to_0p6b_h100.py:runlocal   # CPU check, toy pair
 
-Expected time (estimated from FLOPs and HBM bandwidth — 35% MFU for teacher scoring and the
-train step, decode at 25% of HBM bandwidth — not measured): ~1.2 min per step, almost all of it
-decoding 4,096 tokens for 16 rollouts; 300 steps ~ 6 h, plus evaluations.
-
-Memory (opdjax.train.memory with the Qwen3 presets): ~51 GiB at peak — the resident teacher
-(bf16, 15.3 GiB) and float32 student with AdamW state (6.7 GiB), and the rollout's float32 KV
-cache (17.5 GiB). See tests/test_memory.py.
+(JAX preallocates 75% of GPU memory by default; 0.95 leaves more room for XLA's temporaries.)
+Memory: `opdjax.train.memory` with the Qwen3 presets (tests/test_memory.py), checked against
+config.chip at start; the resident bf16 teacher, the float32 student with its AdamW state and the
+sampler's bf16 KV cache are the largest terms. Not run on a GPU here; times are not measured.
 """
-from opdjax.train.config import opd_config
+from opdjax import schema
+from opdjax.train.config import opd_config, runlocal
 
 # For opdjax.train.memory (no weights needed): the published architectures and the chip count.
 STUDENT = "Qwen3-0.6B"
@@ -29,7 +26,6 @@ NUM_CHIPS = 1
 
 
 def get_config(arg=None):
-    del arg
     c = opd_config()
     c.job = "opd"
     c.workdir = "runs/opd_qwen3_8b_to_0p6b_h100"
@@ -52,12 +48,12 @@ def get_config(arg=None):
 
     c.rollout.samples_per_prompt = 4
     c.rollout.max_new_tokens = 4096
-    c.rollout.cache_dtype = "bfloat16"  # halves the largest per-chip term (the sampler KV cache)
+    c.rollout.cache_dtype = "bfloat16"  # the sampler KV cache at half the float32 student's size
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
 
-    c.batch.prompts_per_step = 4  # 16 rollouts per step
-    c.batch.microbatches = 4  # 4 rows per forward/backward
+    c.batch.prompts_per_step = 4  # x samples_per_prompt rollouts per step
+    c.batch.microbatches = 4
 
     c.release.max_sentences = 1024
 
@@ -79,4 +75,4 @@ def get_config(arg=None):
     c.checkpoint.every = 25
     c.checkpoint.keep = 3
     c.metrics.pictures_every = 10
-    return c
+    return runlocal(c) if schema.runlocal_arg(arg) else c

@@ -1,5 +1,5 @@
 r"""Release-rule OPD, Qwen3-8B teacher -> Qwen3-0.6B student, math reasoning with thinking on,
-on one TPU v6e-8 host (8 Trillium chips, 32 GiB each).
+on one TPU v6e-8 host (8 Trillium chips).
 
 On the TPU VM itself (one host: no gcloud wrapper needed), from the repository root:
 
@@ -11,20 +11,17 @@ On the TPU VM itself (one host: no gcloud wrapper needed), from the repository r
         --config.student.path=ckpt/Qwen3-0.6B --config.teacher.path=ckpt/Qwen3-8B \
         --config.data.train_file=data/math_train.jsonl --config.data.eval_file=data/math500.jsonl
 
+    python launch/tpu_run.py --config configs/opd_qwen3_8b_to_0p6b_v6e.py:runlocal   # CPU check, toy pair
+
 Or from a workstation: `ACCELERATOR_TYPE=v6e-8 launch/gcloud_tpu.sh create|install|run ...`
-(launch/README.md). On a v6e-16 slice (4 hosts) use the gcloud wrapper and
---config.batch.prompts_per_step=32 for twice the rollouts at the same memory per chip.
+(launch/README.md). On a larger slice, raise --config.batch.prompts_per_step with the chip count
+for more rollouts at the same memory per chip (check with --config.job=compile).
 
-Expected time: a roofline estimate from the TPU compiler's FLOPs and HBM bytes per phase
-(`--config.job=compile`, bench/results/compile/; published v6e peaks; not measured): ~52 s per
-step, of which ~44 s is sampling (decoding 4,096 tokens for 64 rollouts, HBM-bound), ~5 s teacher
-scoring and ~4 s the train step (splash attention); 300 steps ~ 4.3 h, plus evaluations.
-
-Memory per chip (the TPU compiler, v6e:2x4): 12.9 GiB of 32 at peak, in sampling; the hand
-estimate (opdjax.train.memory, tests/test_memory.py) says 13.8 GiB. 128 rollouts
-(prompts_per_step=32) would roughly double the sampler's share: check with --config.job=compile.
+Memory per chip and the roofline time per phase (TPU compiler, `--config.job=compile`): the
+README's compile table; `opdjax.train.memory` checks the estimate against config.chip at start.
 """
-from opdjax.train.config import opd_config
+from opdjax import schema
+from opdjax.train.config import opd_config, runlocal
 
 # For opdjax.train.memory (no weights needed): the published architectures and the host size.
 STUDENT = "Qwen3-0.6B"
@@ -33,7 +30,6 @@ NUM_CHIPS = 8  # v6e-8: 8 chips (v6e counts chips, not cores)
 
 
 def get_config(arg=None):
-    del arg
     c = opd_config()
     c.job = "opd"
     c.workdir = "runs/opd_qwen3_8b_to_0p6b_v6e"
@@ -44,7 +40,7 @@ def get_config(arg=None):
     c.teacher.path = ""  # --config.teacher.path=<Qwen3-8B HF checkpoint dir>
     c.teacher.dtype = "bfloat16"
 
-    c.mesh.shape = (1, -1, 1)  # 8-way fsdp
+    c.mesh.shape = (1, -1, 1)  # every chip on fsdp
     c.compile.student, c.compile.teacher = STUDENT, TEACHER  # job=compile needs no checkpoint
     c.compile.topology = "v6e:2x4"  # job=compile: the slice above (bench/results/compile/)
 
@@ -56,12 +52,12 @@ def get_config(arg=None):
 
     c.rollout.samples_per_prompt = 4
     c.rollout.max_new_tokens = 4096
-    c.rollout.cache_dtype = "bfloat16"  # halves the largest per-chip term (the sampler KV cache)
+    c.rollout.cache_dtype = "bfloat16"  # the sampler KV cache at half the float32 student's size
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
 
-    c.batch.prompts_per_step = 16  # 64 rollouts per step, 8 per chip
-    c.batch.microbatches = 4  # 16 rows (2 per chip) per forward/backward
+    c.batch.prompts_per_step = 16  # x samples_per_prompt rollouts per step
+    c.batch.microbatches = 4
 
     c.release.max_sentences = 1024
 
@@ -83,4 +79,4 @@ def get_config(arg=None):
     c.checkpoint.every = 25
     c.checkpoint.keep = 3
     c.metrics.pictures_every = 10
-    return c
+    return runlocal(c) if schema.runlocal_arg(arg) else c

@@ -1,4 +1,7 @@
-"""The one entry point: `python launch/tpu_run.py --config configs/<name>.py [--config.a.b=value ...]`.
+"""The one entry point: `python launch/tpu_run.py --config configs/<name>.py[:arg] [--config.a.b=value ...]`.
+
+`:arg` goes to the file's get_config(arg): `:runlocal` shrinks a real-scale config to a CPU check
+on the embedded toy models (opdjax.schema.runlocal_arg).
 
 Same command on a laptop CPU, a GPU, or every worker of a TPU VM pod slice (where it first
 joins the multi-host job with jax.distributed.initialize()). The config file's `job` field
@@ -47,16 +50,26 @@ def main(argv):
 def _user_errors() -> tuple[type, ...]:
     from opdjax import multihost, sharding
     from opdjax.aot import chips, report
-    from opdjax.dail.synthesize import SynthesisConfigError
     from opdjax.data.records import PromptDataError
     from opdjax.data.tokenizer import TokenizerMismatchError
-    from opdjax.models import config as model_config, hf_io
+    from opdjax import errors
     from opdjax.teachability.segments import PunktModelMissingError
-    from opdjax.train import checkpoint, validate
-    return (validate.ConfigError, model_config.ConfigError, checkpoint.CheckpointError, hf_io.CheckpointError,
+    return (errors.ConfigError, errors.CheckpointError,
             sharding.ShardingError, multihost.MultiHostError, PromptDataError, TokenizerMismatchError,
-            PunktModelMissingError, SynthesisConfigError, chips.TopologyError, report.DoesNotFitError)
+            PunktModelMissingError, chips.TopologyError, report.DoesNotFitError)
+
+
+def check_moved_names(argv) -> None:
+    """An override under a renamed field fails with the new name (before flag parsing, which would
+    only call the old one unknown)."""
+    from opdjax.train import validate
+    try:
+        validate.check_moved_overrides(argv)
+    except validate.ConfigError as e:
+        print(f"opdjax: error (ConfigError): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_moved_names(sys.argv[1:])
     app.run(main)

@@ -10,7 +10,7 @@ JOBS = {
     "compile": "opdjax.aot.job:run",
     "diagnose": "opdjax.train.diagnose:run",
     "dail_synthesize": "opdjax.dail.synthesize:run",
-    "dail_train": "opdjax.dail.train:run",
+    "dail_train": "opdjax.dail.distill:run",
     "dail_eval": "opdjax.dail.evaluate:run",
     "dail_demo": "opdjax.dail.demo:run",
     "prepare_data": "opdjax.data.prepare:run",

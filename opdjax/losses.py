@@ -306,9 +306,20 @@ def _full_vocab_bwd(kind, beta, res, cts):
 _full_vocab.defvjp(_full_vocab_fwd, _full_vocab_bwd)
 
 
-def _full_vocab_loss(student_logits, teacher_logits, kind, beta):
+FULL_VOCAB_KINDS = ("reverse", "forward", "jsd")
+
+
+def full_vocab_divergence(student_logits: Array, teacher_logits: Array, kind: str, beta: float = 0.0):
+    """Per-token divergence over the full vocabulary, float32 [...] from logits [..., V]:
+    "reverse" KL(student ‖ teacher), "forward" KL(teacher ‖ student), or "jsd" (TRL's generalized
+    JSD with β = `beta`, see `jsd_loss`). Returns (divergence, aux {kl/reverse_full,
+    kl/forward_full}). Gradient reaches the student logits only, by a closed-form VJP (a few
+    [..., V] buffers in the backward pass). `kind` and `beta` are static."""
     if teacher_logits is None:
         raise ValueError("this loss needs teacher_logits (a full-vocabulary loss)")
+    if kind not in FULL_VOCAB_KINDS:
+        raise ValueError(f"kind={kind!r} is not a full-vocabulary divergence; choose one of "
+                         f"{', '.join(FULL_VOCAB_KINDS)}.")
     loss, rkl, fkl = _full_vocab(_f32(student_logits), _f32(jax.lax.stop_gradient(teacher_logits)), kind, beta)
     aux = {"kl/reverse_full": jax.lax.stop_gradient(rkl), "kl/forward_full": jax.lax.stop_gradient(fkl)}
     return loss, aux
@@ -317,13 +328,13 @@ def _full_vocab_loss(student_logits, teacher_logits, kind, beta):
 def reverse_kl_full_loss(student_logits: Array, inputs: LossInputs, *, teacher_logits=None, clip_eps=None,
                          jsd_beta=None):
     """KL(student ‖ teacher) = Σ_v p (s − t). Aux: kl/reverse_full, kl/forward_full."""
-    return _full_vocab_loss(student_logits, teacher_logits, "reverse", 0.0)
+    return full_vocab_divergence(student_logits, teacher_logits, "reverse", 0.0)
 
 
 def forward_kl_full_loss(student_logits: Array, inputs: LossInputs, *, teacher_logits=None, clip_eps=None,
                          jsd_beta=None):
     """KL(teacher ‖ student) = Σ_v q (t − s). Aux: kl/reverse_full, kl/forward_full."""
-    return _full_vocab_loss(student_logits, teacher_logits, "forward", 0.0)
+    return full_vocab_divergence(student_logits, teacher_logits, "forward", 0.0)
 
 
 def _check_beta(beta) -> float:
@@ -344,7 +355,7 @@ def jsd_loss(student_logits: Array, inputs: LossInputs, *, teacher_logits=None, 
     β · KL(teacher ‖ M) + (1−β) · KL(student ‖ M), M = β·teacher + (1−β)·student.
     Aux: kl/jsd, kl/reverse_full, kl/forward_full."""
     beta = _check_beta(jsd_beta)
-    loss, aux = _full_vocab_loss(student_logits, teacher_logits, "jsd", beta)
+    loss, aux = full_vocab_divergence(student_logits, teacher_logits, "jsd", beta)
     return loss, {"kl/jsd": jax.lax.stop_gradient(loss), **aux}
 
 
@@ -427,8 +438,9 @@ def token_coefficients(weights: Array, response_mask: Array, how: str = DEFAULT_
 
 # ----------------------------------------------------------------------------- chunked driver
 
-def _pad_chunks(x, T: int, n: int, c: int):
-    """[B, T, ...] -> [n, B, c, ...] (zero padding after T)."""
+def pad_to_chunks(x: Array, T: int, n: int, c: int) -> Array:
+    """[B, T, ...] -> [n, B, c, ...]: T zero-padded to n * c, chunk-major (what a lax.scan over
+    chunks of c positions takes as xs)."""
     pad = n * c - T
     if pad:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -473,10 +485,10 @@ def chunked_loss(name: str, *, student_hidden: Array, student_logits_fn: Callabl
     used = LossInputs(*(getattr(inputs, f) if f in spec.input_fields else None for f in LossInputs._fields))
     used = jax.tree.map(jax.lax.stop_gradient, used)
     xs = (
-        _pad_chunks(student_hidden, T, n, c),
-        _pad_chunks(jax.lax.stop_gradient(teacher_hidden), T, n, c) if need_teacher else None,
-        jax.tree.map(lambda a: _pad_chunks(a, T, n, c), used),
-        _pad_chunks(_f32(jax.lax.stop_gradient(coeff)), T, n, c),
+        pad_to_chunks(student_hidden, T, n, c),
+        pad_to_chunks(jax.lax.stop_gradient(teacher_hidden), T, n, c) if need_teacher else None,
+        jax.tree.map(lambda a: pad_to_chunks(a, T, n, c), used),
+        pad_to_chunks(_f32(jax.lax.stop_gradient(coeff)), T, n, c),
     )
 
     def body(h_s, h_t, inp, cf):

@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def is_writer() -> bool:
 def sync(name: str) -> None:
     """A barrier across processes (no-op on one process)."""
     if is_multiprocess():
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -70,7 +70,6 @@ def block_on_cpu(tree):
 
 # ----------------------------------------------------------------------------------- device -> host
 def _allgather(x):
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(x, tiled=True)
 
 
@@ -124,7 +123,7 @@ def local_rows(x) -> LocalRows:
     On one process (or for a NumPy array) that is every row. The order is ascending global row,
     the order `from_local_rows` expects back."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        a = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else np.asarray(x)
+        a = _leaf_to_host(x)
         return LocalRows(np.arange(a.shape[0]), a)
     by_start = {}
     for s in x.addressable_shards:

@@ -6,24 +6,29 @@ v5p pod changes the mesh shape and perhaps the table, never the model.
 
 A `ShardingPlan` (mesh + rules) is hashable, so jitted functions take it as a static argument
 and call `plan.constrain(x, names)` on activations; `plan=None` means single-device, no-op.
+Names resolve through flax's `nn.logical_to_mesh_axes` (the MaxText idiom), plus one rule of our
+own: a dimension its mesh axes do not divide is replicated rather than rejected.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from typing import Sequence
 
 import jax
+from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axis (or tuple of axes, or None = replicated)
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+# logical name -> mesh axis (or tuple of axes, or None = replicated); earlier rules win a mesh axis
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+DEFAULT_RULES: Rules = (
     # parameters
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -47,6 +52,42 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 class ShardingError(ValueError):
     """A mesh or sharding request that cannot work; the message names the field and the fix."""
+
+
+def rules_from_config(pairs: Sequence, field: str = "config.mesh.sharding_rules") -> Rules:
+    """The rules table a config asks for: (logical name, mesh axes) pairs; empty = DEFAULT_RULES.
+
+    A table replaces the default one whole, so it must give every logical name the model uses a
+    rule (None = replicated).
+    """
+    if not pairs:
+        return DEFAULT_RULES
+    rules = _checked_rules(pairs, MESH_AXES, field)
+    missing = sorted({n for n, _ in DEFAULT_RULES} - {n for n, _ in rules})
+    if missing:
+        raise ShardingError(f"{field} has no rule for {missing}; give every logical axis of "
+                            "sharding.DEFAULT_RULES a rule (None to replicate it).")
+    return rules
+
+
+def _checked_rules(pairs, axis_names: Sequence[str], field: str) -> Rules:
+    """`pairs` as a hashable rules table, or a ShardingError naming `field`."""
+    rules = []
+    for pair in pairs:
+        name, axes = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
+        if not isinstance(name, str) or not (axes is None or isinstance(axes, (str, tuple, list))):
+            raise ShardingError(f"{field}: {pair!r} must be a (logical name, mesh axes) pair, the mesh "
+                                f"axes one of {tuple(axis_names)}, a tuple of them, or None.")
+        for a in _as_tuple(axes):
+            if a not in axis_names:
+                raise ShardingError(f"{field}: rule {name!r} -> {axes!r} names mesh axis {a!r}; the "
+                                    f"mesh has {tuple(axis_names)}.")
+        rules.append((name, axes if axes is None or isinstance(axes, str) else tuple(axes)))
+    names = [n for n, _ in rules]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ShardingError(f"{field} name {dup} more than once; keep one rule per logical axis.")
+    return tuple(rules)
 
 
 def mesh_shape_from_config(shape: Sequence[int], num_devices: int, field: str = "mesh.shape",
@@ -80,6 +121,13 @@ def _where() -> str:
     if jax.process_count() == 1:
         return platform
     return f"{platform}, {jax.process_count()} processes x {jax.local_device_count()} local devices"
+
+
+def plan_from_config(mesh_section, devices: Sequence[jax.Device] | None = None) -> "ShardingPlan":
+    """The run's plan from its `mesh` section: the mesh of mesh.shape over `devices` (default all)
+    and the rules of mesh.sharding_rules (empty = DEFAULT_RULES)."""
+    return ShardingPlan(make_mesh(tuple(mesh_section.shape), devices=devices),
+                        rules_from_config(mesh_section.get("sharding_rules", ())))
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -164,46 +212,40 @@ def _gloo_on_loopback() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingPlan:
+    """A mesh and the rules table; hashable, so jitted functions take it as a static argument."""
     mesh: Mesh
-    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+    rules: Rules = DEFAULT_RULES
 
     def __post_init__(self):
-        names = [n for n, _ in self.rules]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ShardingError(f"sharding rules name {sorted(dup)} more than once; keep one rule per logical axis.")
-        for name, axes in self.rules:
-            for a in _as_tuple(axes):
-                if a not in self.mesh.axis_names:
-                    raise ShardingError(
-                        f"sharding rule {name!r} -> {axes!r} names mesh axis {a!r}; the mesh has {self.mesh.axis_names}."
-                    )
+        object.__setattr__(self, "rules", _checked_rules(self.rules, self.mesh.axis_names, "sharding rules"))
+
+    @functools.cached_property
+    def _flax_rules(self) -> Rules:
+        """The rules less their size-1 mesh axes (which shard nothing, so they never block another dim)."""
+        return tuple((name, tuple(a for a in _as_tuple(axes) if self.mesh.shape[a] > 1)) for name, axes in self.rules)
 
     def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
         """PartitionSpec for an array with these logical axis names.
 
-        A mesh axis is used at most once per array (first logical axis wins), and a dimension
-        that its mesh axes do not divide is replicated instead (e.g. 2 KV heads on tensor=4):
-        correct, just less sharded, and logged once.
+        flax's `logical_to_mesh_axes` resolves the names: rules apply in table order, and a rule
+        whose mesh axes are already taken by another dim of the array is skipped. Then a dim that
+        its mesh axes do not divide is replicated instead (e.g. 2 KV heads on tensor=4): correct,
+        just less sharded, and logged once.
         """
-        table = dict(self.rules)
-        used: set[str] = set()
-        out = []
-        for i, name in enumerate(names):
-            if name is None:
-                out.append(None)
-                continue
-            if name not in table:
+        for name in names:
+            if name is not None and name not in dict(self.rules):
                 raise ShardingError(f"logical axis {name!r} has no sharding rule; add it to the rules table.")
-            axes = tuple(a for a in _as_tuple(table[name]) if a not in used and self.mesh.shape[a] > 1)
-            if shape is not None and axes:
-                size = math.prod(self.mesh.shape[a] for a in axes)
-                if shape[i] % size:
-                    _log_once(f"dim {i} ({name}={shape[i]}) not divisible by mesh axes {axes} (size {size}): replicated")
-                    axes = ()
-            used.update(axes)
-            out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-        return PartitionSpec(*out)
+        spec = nn.logical_to_mesh_axes(names, self._flax_rules)
+        if shape is None:
+            return spec
+        return PartitionSpec(*(self._if_divisible(names[i], entry, i, shape[i]) for i, entry in enumerate(spec)))
+
+    def _if_divisible(self, name, entry, dim, size):
+        split = math.prod(self.mesh.shape[a] for a in _as_tuple(entry))
+        if size % split == 0:
+            return entry
+        _log_once(f"dim {dim} ({name}={size}) not divisible by mesh axes {_as_tuple(entry)} (size {split}): replicated")
+        return None
 
     @property
     def batch_shards(self) -> int:

@@ -16,23 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdjax import multihost, sharding
-from opdjax.data.tokenizer import encode_chat, load_tokenizer
-from opdjax.models import hf_io, qwen
+from opdjax.data.tokenizer import encode_chat
+from opdjax.models import qwen
+from opdjax.models.load import load_model, model_tokenizer
+from opdjax.toy.checkpoints import build_random_checkpoint
 from opdjax.rollout.greedy import greedy_generate
 
 log = logging.getLogger(__name__)
 
 
-def load_model(model_cfg, plan, workdir):
+def load_checkpoint(model_cfg, plan, workdir):
     """(params, cfg, tokenizer) from config.model: a GGUF file, a HF directory, or (neither
     given) a tiny random Qwen3 checkpoint built into the workdir."""
     if model_cfg.gguf:
-        from opdjax.models import gguf_io
-        params, cfg = gguf_io.load_gguf(model_cfg.gguf, plan=plan, dtype=model_cfg.dtype or None)
-        return params, cfg, gguf_io.load_gguf_tokenizer(model_cfg.gguf)
+        params, cfg = load_model(gguf=model_cfg.gguf, plan=plan, dtype=model_cfg.dtype)
+        return params, cfg, model_tokenizer(gguf=model_cfg.gguf)
     path = model_cfg.path
     if not path:
-        from opdjax.models.toy import build_random_checkpoint
         path = os.path.join(workdir, "random_qwen3")
         # process 0 builds it in the (shared) workdir; the others wait, then load it
         if multihost.is_writer() and not os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -42,21 +42,21 @@ def load_model(model_cfg, plan, workdir):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"config.model.path={path!r} is not a directory; give a Hugging Face "
                                 "checkpoint directory (config.json, *.safetensors, tokenizer files).")
-    tok = load_tokenizer(path)  # checked first: cheap, and a missing tokenizer is a common mistake
-    params, cfg = hf_io.load_pretrained(path, plan=plan, dtype=model_cfg.dtype or None)
+    tok = model_tokenizer(path)  # checked first: cheap, and a missing tokenizer is a common mistake
+    params, cfg = load_model(path, plan=plan, dtype=model_cfg.dtype)
     return params, cfg, tok
 
 
 def run(config) -> dict:
     os.makedirs(config.workdir, exist_ok=True)
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    plan = sharding.ShardingPlan(mesh)
+    plan = sharding.plan_from_config(config.mesh)
+    mesh = plan.mesh
     log.info("mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     if not config.prompts:
         raise ValueError("config.prompts is empty; give at least one prompt string.")
 
     t0 = time.perf_counter()
-    params, cfg, tok = load_model(config.model, plan, config.workdir)
+    params, cfg, tok = load_checkpoint(config.model, plan, config.workdir)
     log.info("loaded %s: %.2fM params, %s, in %.1f s", cfg.model_type, cfg.num_params() / 1e6,
              jax.tree.leaves(params)[0].dtype, time.perf_counter() - t0)
 

@@ -150,6 +150,7 @@ CASES = [("toy", "v5p:2x2x1", (1, -1, 1), ()), ("toy", "v6e:2x4", (1, -1, 1), ()
 # (1, 2, 2) needs 4 chips; on the 8 chips of v6e:2x4 the tensor-parallel mesh is (1, 4, 2)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pair,topology,mesh_shape,phases", CASES,
                          ids=[f"{p}-{t}-{'x'.join(map(str, m))}" for p, t, m, _ in CASES])
 def test_compile_job(tmp_path, pair, topology, mesh_shape, phases):

@@ -36,7 +36,7 @@ ALLOWED = {
 
 def _device_fields() -> set[str]:
     """Fields of the NamedTuples whose arrays live on the mesh."""
-    from opdjax.dail.mixed import MixedRollout
+    from opdjax.rollout.mixed import MixedRollout
     from opdjax.rollout.sampler import Rollout
     from opdjax.teachability.changepoint import ChangePoint
     from opdjax.teachability.margins import AllMargins, Margins

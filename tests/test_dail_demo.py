@@ -10,12 +10,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_dail_demo_runs_end_to_end_tiny(tmp_path):
     work = tmp_path / "demo"
     cmd = [sys.executable, "launch/tpu_run.py", "--config", "configs/dail_demo.py", f"--config.workdir={work}",
            "--config.demo.num_problems=6", "--config.demo.num_eval_problems=4", "--config.synthesis.num_samples=2",
-           "--config.synthesis.problems_per_batch=3", "--config.train.epochs=1", "--config.train.sequences_per_step=4",
+           "--config.synthesis.problems_per_batch=3", "--config.train.epochs=1", "--config.batch.sequences_per_step=4",
            "--config.eval.samples=2", "--config.metrics.progress=False"]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)

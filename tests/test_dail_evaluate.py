@@ -10,21 +10,22 @@ import pytest
 
 from opdjax.dail import evaluate
 from opdjax.dail.config import dail_config
-from opdjax.dail.toy import write_demo_problems
-from opdjax.data import toy_task
+from opdjax.toy.dail_problems import write_demo_problems
+from opdjax.toy import arithmetic
 from opdjax.data.grading import extract_answer, grade_batch
 from opdjax.data.prompts import Problem
 from opdjax.data.tokenizer import load_tokenizer
 from opdjax.eval.budget import BudgetResult
 from opdjax.eval.choice import ChoiceProblem, shuffled
-from opdjax.models import hf_io, toy_pair
+from opdjax.models import hf_io
+from opdjax.toy import opd_pair
 
 FORCED = "\n</think>\n\nThe final answer is \\boxed{"
 
 
 @pytest.fixture(scope="module")
 def toy():
-    _, student = toy_pair.load_toy_pair()
+    _, student = opd_pair.load_toy_pair()
     tok = load_tokenizer(student)
     params, cfg = hf_io.load_pretrained(student)
     return student, tok, params, cfg
@@ -32,11 +33,11 @@ def toy():
 
 def _toy_problems(n):
     return [Problem(prompt=p["prompt"], answer=p["answer"], index=i, source=f"toy:{i}", record=p)
-            for i, p in enumerate(toy_task.make_problems(n, seed=0, split="eval"))]
+            for i, p in enumerate(arithmetic.make_problems(n, seed=0, split="eval"))]
 
 
 def test_toy_answers_are_graded_by_the_math_checker():
-    p = toy_task.make_problems(1, seed=0, split="eval")[0]
+    p = arithmetic.make_problems(1, seed=0, split="eval")[0]
     assert extract_answer("We start with 7. Adding 5 to 7 gives 12. The answer is 32.") == "32"
     np.testing.assert_array_equal(
         grade_batch([p["solution"], p["solution"].replace(f"is {p['answer']}.", "is 1000."),
@@ -50,7 +51,7 @@ def test_curves_on_the_toy_student(toy):
     n = 4
     summary = evaluate.pass_at_k_curves(
         {"a": (params, cfg), "b": lambda: (params, cfg)}, tok, problems,
-        prompt_ids_fn=lambda text: toy_pair.encode_prompt(tok, text), kind="math", samples=n, budgets=(96,),
+        prompt_ids_fn=lambda text: opd_pair.encode_prompt(tok, text), kind="math", samples=n, budgets=(96,),
         temperature=1.0, top_p=0.95, forced_answer=FORCED, answer_tokens=4, stop_ids=(tok.eos_token_id,),
         key=jax.random.key(0), rows_per_call=8)
     assert summary["ks"] == [1, 2, 3, 4] and summary["budgets"] == [96]

@@ -5,7 +5,7 @@ import pytest
 
 from opdjax.dail.config import dail_config
 from opdjax.dail.hints import HINT_TEXT_NO_ANSWER, Landmarks, check_hint_config, hint_text, landmarks
-from opdjax.data.toy_task import make_problems
+from opdjax.toy.arithmetic import make_problems
 
 TOY_PROBLEM = "Start with 7. Add 5, then multiply by 3, then subtract 4. What is the result?"
 TOY_SOLUTION = ("We start with 7. Adding 5 to 7 gives 12. Multiplying 12 by 3 gives 36. "

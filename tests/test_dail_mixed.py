@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opdjax.dail.mixed import MixedSettings, choose_mixed, expert_top_probs, mixed_rollout
+from opdjax.rollout.mixed import MixedSettings, choose_mixed, expert_top_probs, mixed_rollout
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
 from opdjax.rollout.sampler import sample

@@ -13,6 +13,7 @@ from opdjax.data.tokenizer import build_toy_tokenizer, encode_chat, load_tokeniz
 PROBLEM = r"Find $x$ if $\frac{x}{2} = 3$ and {weird} braces stay."
 SOLUTION = r"Multiply both sides by 2: $x = 6$. The answer is $\boxed{6}$."
 HINT = "Hint: the final answer is 6."
+LIMIT = dail_config().data.max_prompt_tokens
 GENERATION_PROMPT = "<|im_start|>assistant\n"
 NO_THINKING = "<think>\n\n</think>\n\n"
 
@@ -97,7 +98,6 @@ def test_default_templates_pass():
      r"with \{problem\} only"),
     ({"hint": "{problem} {hint} {solution}"}, r"config\.prompts\.hint has a \{solution\} placeholder"),
     ({"expert": "{problem} {solution} {hint}"}, r"config\.prompts\.expert has a \{hint\} placeholder"),
-    ({"max_prompt_tokens": 0}, r"config\.prompts\.max_prompt_tokens must be a positive integer"),
 ])
 def test_check_templates_errors(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -107,7 +107,6 @@ def test_check_templates_errors(changes, message):
 @pytest.mark.parametrize("changes, message", [
     ({"enable_thinking": "yes"}, r"config\.prompts\.enable_thinking must be true or false"),
     ({"system": None}, r"config\.prompts\.system must be a string"),
-    ({"max_prompt_tokens": True}, r"config\.prompts\.max_prompt_tokens"),
     ({"solution_separator": None}, r"config\.prompts\.solution_separator must be a string"),
     ({"expert": None}, r"config\.prompts\.expert is empty"),
 ])
@@ -141,7 +140,7 @@ def test_join_solutions_errors(solutions, message):
 
 def test_render_contexts_match_chat_encoding(tokenizer):
     section = prompts()
-    ctx = render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT, record="problem 0")
+    ctx = render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT, record="problem 0", max_prompt_tokens=LIMIT)
     assert isinstance(ctx, Contexts)
     users = {
         "student": fill(section.student, "prompts.student", problem=PROBLEM),
@@ -167,8 +166,8 @@ def test_render_contexts_match_chat_encoding(tokenizer):
 
 
 def test_enable_thinking_switches_generation_prompt(tokenizer):
-    on = render_contexts(tokenizer, prompts(enable_thinking=True), PROBLEM, SOLUTION, HINT)
-    off = render_contexts(tokenizer, prompts(enable_thinking=False), PROBLEM, SOLUTION, HINT)
+    on = render_contexts(tokenizer, prompts(enable_thinking=True), PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
+    off = render_contexts(tokenizer, prompts(enable_thinking=False), PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
     for name in ("student", "expert", "hint"):
         text_on, text_off = decode(tokenizer, getattr(on, name)), decode(tokenizer, getattr(off, name))
         assert text_on.endswith(GENERATION_PROMPT)
@@ -178,46 +177,44 @@ def test_enable_thinking_switches_generation_prompt(tokenizer):
 
 def test_system_turn_comes_first(tokenizer):
     ctx = render_contexts(tokenizer, prompts(system="You are a careful mathematician."),
-                          PROBLEM, SOLUTION, HINT)
+                          PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
     for ids in (ctx.student, ctx.expert, ctx.hint):
         text = decode(tokenizer, ids)
         assert text.startswith("<|im_start|>system\nYou are a careful mathematician.<|im_end|>\n"
                                "<|im_start|>user\n")
         assert text.count("<|im_start|>") == 3  # system, user, generation prompt
-    plain = render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT)
+    plain = render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
     assert "<|im_start|>system" not in decode(tokenizer, plain.expert)
 
 
 def test_several_solutions_joined_with_separator(tokenizer):
     section = prompts(solution_separator="\n\n=== another solution ===\n\n")
-    ctx = render_contexts(tokenizer, section, PROBLEM, [SOLUTION + "\n", "  Or: x = 6."], HINT)
+    ctx = render_contexts(tokenizer, section, PROBLEM, [SOLUTION + "\n", "  Or: x = 6."], HINT, max_prompt_tokens=LIMIT)
     expert = decode(tokenizer, ctx.expert)
     assert SOLUTION + "\n\n=== another solution ===\n\nOr: x = 6." in expert
-    single = render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT)
+    single = render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
     assert ctx.student == single.student and ctx.hint == single.hint
 
 
 def test_over_long_context_names_record_context_and_limit(tokenizer):
-    short = render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT)
+    short = render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
     limit = max(len(short.student), len(short.hint))
     assert len(short.expert) > limit
-    section = prompts(max_prompt_tokens=limit)
     record = "problem id 17 (problems.jsonl line 18)"
     with pytest.raises(ValueError) as info:
-        render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT, record=record)
+        render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=limit, record=record)
     message = str(info.value)
     assert message.startswith(f"{record}: expert context is {len(short.expert)} tokens > "
-                              f"config.prompts.max_prompt_tokens={limit}: shorten the reference")
+                              f"config.data.max_prompt_tokens={limit}: shorten the reference")
     assert "raise the limit" in message and "student" not in message and "hint context" not in message
     # Exactly at the limit is fine.
-    ok = render_contexts(tokenizer, prompts(max_prompt_tokens=len(short.expert)), PROBLEM,
-                         SOLUTION, HINT)
+    ok = render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=len(short.expert))
     assert ok == short
 
 
 def test_every_over_long_context_is_named(tokenizer):
     with pytest.raises(ValueError) as info:
-        render_contexts(tokenizer, prompts(max_prompt_tokens=5), PROBLEM, SOLUTION, HINT,
+        render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=5,
                         record="problem 3")
     message = str(info.value)
     for name in ("student", "expert", "hint"):
@@ -233,21 +230,27 @@ def test_every_over_long_context_is_named(tokenizer):
 ])
 def test_render_contexts_rejects_empty_inputs(tokenizer, problem, solutions, hint, message):
     with pytest.raises(ValueError, match=message):
-        render_contexts(tokenizer, prompts(), problem, solutions, hint, record="problem 9")
+        render_contexts(tokenizer, prompts(), problem, solutions, hint, record="problem 9", max_prompt_tokens=LIMIT)
 
 
 def test_render_contexts_checks_templates(tokenizer):
     with pytest.raises(ValueError, match=r"config\.prompts\.hint has no \{hint\}"):
-        render_contexts(tokenizer, prompts(hint="{problem}"), PROBLEM, SOLUTION, HINT)
+        render_contexts(tokenizer, prompts(hint="{problem}"), PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT)
 
 
 def test_render_student_prompt(tokenizer):
     for thinking in (True, False):
         section = prompts(enable_thinking=thinking, system="Be exact.")
-        ids = render_student_prompt(tokenizer, section, PROBLEM, record="eval problem 2")
-        assert ids == render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT).student
+        ids = render_student_prompt(tokenizer, section, PROBLEM, record="eval problem 2", max_prompt_tokens=LIMIT)
+        assert ids == render_contexts(tokenizer, section, PROBLEM, SOLUTION, HINT, max_prompt_tokens=LIMIT).student
     with pytest.raises(ValueError, match=r"eval problem 2: student context is \d+ tokens > "
-                                         r"config\.prompts\.max_prompt_tokens=4: shorten the problem"):
-        render_student_prompt(tokenizer, prompts(max_prompt_tokens=4), PROBLEM, record="eval problem 2")
+                                         r"config\.data\.max_prompt_tokens=4: shorten the problem"):
+        render_student_prompt(tokenizer, prompts(), PROBLEM, max_prompt_tokens=4, record="eval problem 2")
     # Only the student template matters for evaluation.
-    render_student_prompt(tokenizer, prompts(expert="{problem}"), PROBLEM)
+    render_student_prompt(tokenizer, prompts(expert="{problem}"), PROBLEM, max_prompt_tokens=LIMIT)
+
+
+@pytest.mark.parametrize("limit", [0, True, "8"])
+def test_bad_limit_is_named(tokenizer, limit):
+    with pytest.raises(ValueError, match=r"config\.data\.max_prompt_tokens must be a positive integer"):
+        render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=limit)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from opdjax.dail import mixed
+from opdjax.rollout import mixed
 from opdjax.dail import synthesize as syn
 from opdjax.dail.config import dail_config
 from opdjax.data.tokenizer import build_toy_tokenizer
@@ -54,12 +54,12 @@ def _config(tmp_path, model_dir, problems=PROBLEMS, **synthesis):
     c.prompts.hint = "{problem}\n{hint}"
     c.prompts.enable_thinking = False
     c.synthesis.num_samples = 3
-    c.synthesis.max_new_tokens = 6
+    c.rollout.max_new_tokens = 6
     c.synthesis.problems_per_batch = 2
     c.synthesis.top_n = 8
     c.metrics.progress = False
     for k, v in synthesis.items():
-        c.synthesis[k] = v
+        (c.rollout if k == "max_new_tokens" else c.synthesis)[k] = v
     return c
 
 
@@ -79,7 +79,7 @@ def test_end_to_end_and_resume(tmp_path, model_dir):
         assert r["problem"] == p["problem"] and r["solutions"] == [p["solution"]] and r["answer"] == p["answer"]
         assert r["hint"].startswith("Hint: the final answer is")
         assert r["trace"] is not None  # on_no_match=random keeps one
-        assert r["num_tokens"] == len(r["trace_ids"]) <= c.synthesis.max_new_tokens
+        assert r["num_tokens"] == len(r["trace_ids"]) <= c.rollout.max_new_tokens
         assert tok_eos not in r["trace_ids"]
         assert 0.0 <= r["fallback_rate"] <= 1.0 and 0.0 <= r["mean_fallback_rate"] <= 1.0
         assert r["tau"] == 0.2 and r["seed"] == 3 and r["num_samples"] == 3
@@ -191,7 +191,7 @@ def test_over_long_reference_fails_before_compute(tmp_path, model_dir, monkeypat
     _no_compute(monkeypatch)
     problems = PROBLEMS[:2] + [dict(PROBLEMS[2], solution="We add. " * 60 + "The answer is 9.")]
     c = _config(tmp_path, model_dir, problems=problems)
-    c.prompts.max_prompt_tokens = 120
+    c.data.max_prompt_tokens = 120
     with pytest.raises(ValueError, match=r"problem id 'q2' \(.*problems\.jsonl:3\): expert context is \d+ tokens"):
         syn.run(c)
     assert not os.path.exists(os.path.join(c.workdir, "traces.jsonl"))
@@ -208,7 +208,7 @@ def test_over_long_reference_fails_before_compute(tmp_path, model_dir, monkeypat
     ("synthesis.problems_per_batch", 0, r"config\.synthesis\.problems_per_batch=0"),
     ("synthesis.on_no_match", "drop", r"config\.synthesis\.on_no_match='drop'"),
     ("synthesis.top_n", VOCAB + 1, r"config\.synthesis\.top_n=321 exceeds"),
-    ("synthesis.cache_dtype", "fp8", r"config\.synthesis\.cache_dtype"),
+    ("rollout.cache_dtype", "fp8", r"config\.rollout\.cache_dtype"),
     ("prompts.expert", "{problem} only", r"config\.prompts\.expert has no \{solution\}"),
     ("model.path", "/nonexistent", r"config\.model\.path='/nonexistent' has no config\.json"),
     ("data.problems", "/nonexistent.jsonl", r"config\.data\.problems='/nonexistent\.jsonl' does not exist"),
@@ -251,18 +251,19 @@ def test_read_done_rejects_damaged_middle_line(tmp_path):
 def test_answer_selection_with_the_toy_student(tmp_path):
     """The shipped toy student, student context only (tau = 0), solves toy problems often enough
     that 8 samples give matching traces: the kept one states the expert's answer."""
-    from opdjax.dail import toy
+    from opdjax.toy import dail_problems
     from opdjax.data.grading import extract_answer
 
-    toy.write_demo_problems(tmp_path / "problems.jsonl", 4)
+    dail_problems.write_demo_problems(tmp_path / "problems.jsonl", 4)
     c = dail_config()
     c.workdir = str(tmp_path / "run")
     c.model.path = os.path.join(os.path.dirname(syn.__file__), "..", "assets", "toy_pair", "student")
     c.data.problems, c.data.id_field = str(tmp_path / "problems.jsonl"), "id"
-    c.prompts.student, c.prompts.expert, c.prompts.hint = toy.TOY_STUDENT, toy.TOY_EXPERT, toy.TOY_HINT
+    c.prompts.student, c.prompts.expert, c.prompts.hint = dail_problems.TOY_STUDENT, dail_problems.TOY_EXPERT, dail_problems.TOY_HINT
     c.prompts.enable_thinking = False
     c.metrics.progress = False
-    c.synthesis.update(dict(accept_threshold=0.0, num_samples=8, max_new_tokens=96, problems_per_batch=4))
+    c.synthesis.update(dict(accept_threshold=0.0, num_samples=8, problems_per_batch=4))
+    c.rollout.max_new_tokens = 96
     summary = syn.run(c)
     recs = _lines(summary["output"])
     assert summary["matched"] >= 1 and len(recs) == 4

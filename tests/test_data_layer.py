@@ -627,12 +627,12 @@ def toy_dir(tmp_path_factory):
 
 
 def test_shipped_toy_arithmetic_matches_make_problems(toy_dir):
-    from opdjax.data import toy_task
+    from opdjax.toy import arithmetic
 
     n = 40
     for split in ("train", "eval"):
         src = open_source("tfds:opdjax_toy_arithmetic/seed0", split=f"{split}[:{n}]", data_dir=toy_dir)
-        want = toy_task.make_problems(n, 0, split)
+        want = arithmetic.make_problems(n, 0, split)
         assert [r["prompt"] for r in src] == [p["prompt"] for p in want]
         assert [r["answer"] for r in src] == [str(p["answer"]) for p in want]
         assert [r["steps"] for r in src] == [list(p["steps"]) for p in want]

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from opdjax.teachability import changepoint, diagnosis_report, rule
+from opdjax.teachability import changepoint, collapse_report, rule
 from opdjax.train import diagnose as diagnose_job
 from opdjax.train.validate import ConfigError
 
@@ -93,6 +93,7 @@ def recompute(a, variant, width):
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
     work = tmp_path / "diag"
@@ -122,8 +123,8 @@ def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
             for k, v in want[c].items():
                 value = float("nan") if got[c][k] is None else got[c][k]  # JSON writes NaN as null
                 assert value == pytest.approx(v, rel=1e-4, abs=1e-5, nan_ok=True), (variant, c, k)
-            row = (f"| all | 12 | {c} | {diagnosis_report._pct(want[c]['down_rate'])} | "
-                   f"{diagnosis_report._pct(want[c]['down_chance'])} |")
+            row = (f"| all | 12 | {c} | {collapse_report._pct(want[c]['down_rate'])} | "
+                   f"{collapse_report._pct(want[c]['down_chance'])} |")
             assert row in report, row
         deciles = [float("nan") if x is None else x for x in got["margin_by_decile"]]
         np.testing.assert_allclose(deciles, want["margin_by_decile"], rtol=1e-4)
@@ -133,7 +134,7 @@ def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
 
     # the Markdown re-rendered from diagnosis.json alone is the same report
     title = report.splitlines()[0][2:]
-    assert diagnosis_report.main([str(d), "--title", title]) == 0
+    assert collapse_report.main([str(d), "--title", title]) == 0
     assert (d / "report.md").read_text() == report
 
     # diagnose.arrays: the same statistics from the saved rollouts, with no model run

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opdjax.data import toy_task
+from opdjax.toy import arithmetic
 from opdjax.data.prompts import left_pad
 from opdjax.data.tokenizer import load_tokenizer
 from opdjax.eval.budget import DEFAULT_FORCED_ANSWER, generate_with_budget
-from opdjax.models import hf_io, toy_pair
+from opdjax.models import hf_io
+from opdjax.toy import opd_pair
 from opdjax.rollout.greedy import greedy_generate
 from opdjax.rollout.sampler import SamplingSettings
 
@@ -23,11 +24,11 @@ ROWS = 8
 
 @pytest.fixture(scope="module")
 def toy():
-    _, student = toy_pair.load_toy_pair()
+    _, student = opd_pair.load_toy_pair()
     tok = load_tokenizer(student)
     params, cfg = hf_io.load_pretrained(student)
-    problems = toy_task.make_problems(ROWS, seed=0, split="eval")
-    prompts = [toy_pair.encode_prompt(tok, p["prompt"]) for p in problems]
+    problems = arithmetic.make_problems(ROWS, seed=0, split="eval")
+    prompts = [opd_pair.encode_prompt(tok, p["prompt"]) for p in problems]
     return params, cfg, tok, problems, prompts
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
-from opdjax.rollout.greedy import greedy_generate, last_real_index
+from opdjax.rollout.decode import last_real_index
+from opdjax.rollout.greedy import greedy_generate
 
 CFG = ModelConfig("qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)

@@ -113,6 +113,7 @@ def test_missing_settings_and_unknown_command():
     assert proc.returncode == 2 and "unknown command 'launch'" in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(150)
 def test_notebook_runs_tiny_on_cpu(tmp_path, monkeypatch):
     import nbclient

@@ -89,7 +89,7 @@ def test_logits_match_peft(tmp_path, name):
     t = toks()
     ref = hf_logits(pm, t)
     assert np.abs(ref - base_ref).max() > 0.05  # the adapter changes the model visibly
-    ours, _ = forward(params, jnp.asarray(t), cfg, lora=(adapter, spec.scale))
+    ours, _ = forward(params, jnp.asarray(t), cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
     base, _ = forward(params, jnp.asarray(t), cfg)
     assert np.abs(np.asarray(base) - base_ref).max() <= 1e-4
@@ -116,7 +116,7 @@ def test_zero_b_is_the_base_exactly(dtype):
     assert float(jnp.abs(a).max()) <= bound and float(jnp.abs(a).max()) > 0.8 * bound
     t = jnp.asarray(toks())
     base, _ = forward(params, t, cfg)
-    adapted, _ = forward(params, t, cfg, lora=(adapter, spec.scale))
+    adapted, _ = forward(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
     np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
     # init is per target: adapting fewer projections draws the same a for those adapted
     fewer = lora.init_lora(cfg, lora.LoraSpec(4, 8.0, ("gate",)), jax.random.key(1))
@@ -129,7 +129,7 @@ def test_merge_equals_apply_with_adapter_and_keeps_the_base():
     before = jax.tree.map(np.asarray, params)
     adapter = random_adapter(cfg, spec)
     t = jnp.asarray(toks())
-    with_lora, _ = forward(params, t, cfg, lora=(adapter, spec.scale))
+    with_lora, _ = forward(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
     merged = lora.merge(params, adapter, spec)
     plain, _ = forward(merged, t, cfg)
     assert np.abs(np.asarray(plain) - np.asarray(with_lora)).max() <= 1e-6
@@ -153,7 +153,8 @@ def test_adapter_gradient_is_the_chain_rule_through_the_merged_weight():
     t = jnp.asarray(toks((2, 12)))
 
     def loss_lora(adapter):  # remat: as the trainer runs it
-        hidden, _ = qwen.apply(params, t, cfg, lora=(adapter, spec.scale), remat=True)
+        hidden, _ = qwen.apply(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale),
+                               remat=True)
         return jnp.mean(qwen.logits_from_hidden(params, hidden) ** 2)
 
     def loss_full(layers):
@@ -190,7 +191,7 @@ def test_export_merged_round_trip(tmp_path):
     again, cfg2 = hf_io.load_pretrained(str(tmp_path / "out"))
     assert cfg2 == cfg
     t = jnp.asarray(toks())
-    want, _ = forward(params, t, cfg, lora=(adapter, spec.scale))
+    want, _ = forward(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
     got, _ = forward(again, t, cfg2)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
 
@@ -271,8 +272,9 @@ def test_sharded_forward_matches_single_device():
     s_params = jax.device_put(params, qwen.param_shardings(cfg, plan))
     s_adapter = jax.device_put(adapter, shardings)
     t = jnp.asarray(toks())
-    want, _ = forward(params, t, cfg, lora=(adapter, spec.scale))
-    got, _ = forward(s_params, t, cfg, plan=plan, lora=(s_adapter, spec.scale))
+    want, _ = forward(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
+    got, _ = forward(s_params, t, cfg, plan=plan,
+                     layer_transform=lora.layer_transform(s_adapter, spec.scale, plan))
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     merged = lora.merge(s_params, s_adapter, spec)
     assert merged["layers"]["q"].sharding == s_params["layers"]["q"].sharding

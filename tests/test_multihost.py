@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM
 from hf_oracle import hf_logits, make_hf_model
 from opdjax.models import hf_io, qwen
 
+pytestmark = pytest.mark.integration  # jax.distributed across processes: the second CI stage
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 NUM_PROCESSES = 2
 DEADLINE_S = 90  # for both workers together; they take ~10-20 s on 2 cores

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from opdjax.models import hf_io
-from opdjax.models.toy import build_random_checkpoint
+from opdjax.toy.checkpoints import build_random_checkpoint
 from opdjax.train import opd
 from opdjax.train.config import opd_config
 from opdjax.train.metrics import read_metrics
@@ -59,6 +59,7 @@ def tiny_config(pair, workdir, **over):
     return c
 
 
+@pytest.mark.integration
 def test_opd_few_steps_end_to_end(pair, tmp_path):
     # 8 simulated devices; the permutation calibration runs inside the sharded training loop
     c = tiny_config(pair, tmp_path, **{"mesh.shape": (2, 2, 2), "release.calibration": "permutation",
@@ -110,6 +111,7 @@ def _losses(workdir):
     return {r["step"]: r["loss/total"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss/total" in r}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_exact_resume_after_sigkill(pair, tmp_path):
     over = {"train.steps": 6, "eval.num_problems": 0, "metrics.pictures_every": 0, "checkpoint.every": 2,
@@ -135,6 +137,7 @@ def test_exact_resume_after_sigkill(pair, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sigterm_saves_a_complete_checkpoint(pair, tmp_path):
     from opdjax.train.checkpoint import Checkpointer
@@ -215,6 +218,7 @@ def test_tokenizer_and_template_mismatch(pair, tmp_path):
     validate_config(c)
 
 
+@pytest.mark.integration
 def test_compare_job_writes_the_report(pair, tmp_path):
     from opdjax.train import compare
     c = tiny_config(pair, tmp_path, **{"train.steps": 2, "checkpoint.every": 0, "metrics.pictures_every": 1,

@@ -28,11 +28,13 @@ import pytest
 
 import pod
 
+pytestmark = pytest.mark.integration  # multi-process pod jobs: the second CI stage (tests/pytest.ini)
+
 OPD = [f"--config={pod.ROOT / 'configs' / 'opd_demo.py'}", "--config.job=opd", "--config.mesh.shape=(2,2,2)",
        "--config.batch.prompts_per_step=4", "--config.rollout.samples_per_prompt=2",
        "--config.rollout.max_new_tokens=16", "--config.eval.num_problems=0", "--config.eval.before=False",
        "--config.metrics.pictures_every=0", "--config.metrics.tensorboard=False"]
-SAVED = re.compile(r"opdjax\.train\.opd: (.+?): saved the checkpoint at step (\d+); exiting cleanly")
+SAVED = re.compile(r"opdjax\.train\.loop: (.+?): saved the checkpoint at step (\d+); exiting cleanly")
 
 
 def _records(workdir):

@@ -32,12 +32,14 @@ import numpy as np
 import pytest
 
 import pod
+
+pytestmark = pytest.mark.integration  # multi-process pod jobs: the second CI stage (tests/pytest.ini)
 from opdjax.models import hf_io
 
 RTOL, ATOL = 512 * 2.0 ** -24, 1e-7
 STEPS = 12  # 8 traces at most (more than 4), 4 per step, 6 epochs
 PROBLEMS = 8
-TRAIN = ["--config.train.epochs=6", "--config.train.sequences_per_step=4"]
+TRAIN = ["--config.train.epochs=6", "--config.batch.sequences_per_step=4"]
 DEMO = ["--config", "configs/dail_demo.py", "--config.mesh.shape=(2,2,2)", "--config.metrics.progress=False",
         f"--config.demo.num_problems={PROBLEMS}", "--config.demo.num_eval_problems=4",
         "--config.synthesis.num_samples=4", "--config.synthesis.problems_per_batch=8",

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 
 import pod
+
+pytestmark = pytest.mark.integration  # multi-process pod jobs: the second CI stage (tests/pytest.ini)
 from opdjax.models import hf_io
 
 RTOL, ATOL = 512 * 2.0 ** -24, 1e-6

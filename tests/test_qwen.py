@@ -6,6 +6,7 @@ import pytest
 
 from hf_oracle import VOCAB, hf_logits, make_hf_model
 from opdjax.models import hf_io, qwen
+from opdjax.models.config import ModelConfig
 
 forward = jax.jit(qwen.forward, static_argnames=("cfg", "plan"))
 chunk_forward = jax.jit(qwen.forward, static_argnames=("cfg", "plan", "attn_chunk"))
@@ -146,7 +147,6 @@ def test_explicit_positions_override(tmp_path):
 
 
 def test_init_params_shapes_and_axes_agree():
-    from opdjax.models.config import ModelConfig
     cfg = ModelConfig("qwen2", vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=4, qk_norm=False, qkv_bias=True)
     params = qwen.init_params(cfg, jax.random.key(0))
@@ -156,3 +156,27 @@ def test_init_params_shapes_and_axes_agree():
     jax.tree.map(lambda a, s: len(a) == len(s) or pytest.fail(f"{a} vs {s}"), axes, qwen.param_shapes(cfg),
                  is_leaf=lambda x: isinstance(x, tuple))
     assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+def _scale_down(lp, factor, shared):
+    return {**lp, "down": lp["down"] * factor * shared}
+
+
+def test_layer_transform_sees_each_layers_slice():
+    """A LayerTransform runs layer l with fn(params_l, stacked_l, shared): the same as running the
+    plain model on params rewritten beforehand; it passes through jit as an argument, with a cache too."""
+    cfg = ModelConfig("qwen3", vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=4)
+    params = qwen.init_params(cfg, jax.random.key(0), std=0.1)
+    factors = jnp.asarray([0.5, 2.0, -1.0])
+    rewritten = {**params, "layers": {**params["layers"],
+                                      "down": params["layers"]["down"] * factors[:, None, None] * 1.5}}
+    toks = jnp.asarray(tokens((2, 6)) % cfg.vocab_size)
+    transform = qwen.LayerTransform(_scale_down, factors, 1.5)
+    want, _ = forward(rewritten, toks, cfg)
+    got, _ = forward(params, toks, cfg, layer_transform=transform)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    cache = qwen.init_cache(cfg, 2, 8)
+    want_c, _ = qwen.forward(rewritten, toks, cfg, cache=cache)
+    got_c, _ = qwen.forward(params, toks, cfg, cache=cache, layer_transform=transform)
+    np.testing.assert_allclose(np.asarray(got_c), np.asarray(want_c), rtol=1e-6, atol=1e-6)

@@ -27,6 +27,7 @@ def test_smoke_job_sharded_in_process(tmp_path):
     assert len(result["outputs"]) == 3
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_entry_point_cli_with_overrides(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")

@@ -21,8 +21,15 @@ import jax
 from opdjax import multihost, sharding
 from opdjax.aot import chips, report
 from opdjax.aot.phases import Phase, opd_phases
-from opdjax.models.config import ConfigError, ModelConfig
+from opdjax.errors import ConfigError
+from opdjax.models.config import ModelConfig
 from opdjax.sharding import ShardingPlan
+from opdjax.train.validate import model_cfg
+from opdjax.models.presets import preset_config
+from opdjax.teachability.rule import settings_from_config
+from opdjax.models import attention
+from opdjax.train import memory
+from opdjax.dail.memory_estimate import estimate_dail_memory
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,9 @@ def config_kind(config) -> str:
 
 def model_for(section, name: str, preset: str, dtype: str | None = None) -> ModelConfig:
     """The architecture of config.<name>: its checkpoint's config.json / GGUF, else the preset."""
-    from opdjax.train.validate import model_cfg
     if section.path or section.gguf:
         cfg = model_cfg(section, name)
     elif preset:
-        from opdjax.models.presets import preset_config
         cfg = preset_config(preset)
     else:
         raise ConfigError(f"config.{name}.path is empty and config.compile.{name.split('.')[-1]} names no preset: "
@@ -76,7 +81,6 @@ def phases_for(config, plan: ShardingPlan, only: tuple = ()) -> list[Phase]:
     kind = config_kind(config)
     c = config.compile
     if kind == "opd":
-        from opdjax.teachability.rule import settings_from_config
         student = model_for(config.student, "student", c.student)
         teacher = model_for(config.teacher, "teacher", c.teacher)
         student = _with_attention(config, student, config.student, "student")
@@ -87,6 +91,7 @@ def phases_for(config, plan: ShardingPlan, only: tuple = ()) -> list[Phase]:
             raise ConfigError(f"config.{e}") from e
         phases = opd_phases(config, student, teacher, release, plan)
     else:
+        # dail_phases lowers dail.distill's step, and dail.distill calls this module's start-up check
         from opdjax.aot.dail_phases import dail_phases
         model = _with_attention(config, model_for(config.model, "model", c.model), config.model, "model")
         phases = dail_phases(config, model, plan)
@@ -104,7 +109,6 @@ def phases_for(config, plan: ShardingPlan, only: tuple = ()) -> list[Phase]:
 def _with_attention(config, cfg: ModelConfig, section, name: str) -> ModelConfig:
     """The attention implementation a TPU run of this config would pick (model.attention:
     "auto" is splash where the kernel supports the model), for the program to compile."""
-    from opdjax.models import attention
     requested = config.model.get("attention", "auto") if "model" in config else "auto"
     return attention.resolve(cfg, requested, section.dtype, name=name, backend="tpu")
 
@@ -113,7 +117,6 @@ def estimate_rows(config, reports: list[report.PhaseReport], plan: ShardingPlan,
     """The hand estimator's per-phase peak (resident + phase) next to the compiler's."""
     if config_kind(config) != "opd":
         return _dail_estimate_rows(config, reports, plan, chip_name)
-    from opdjax.train import memory
     c = config.compile
     student = model_for(config.student, "student", c.student)
     teacher = model_for(config.teacher, "teacher", c.teacher)
@@ -123,7 +126,6 @@ def estimate_rows(config, reports: list[report.PhaseReport], plan: ShardingPlan,
 
 
 def _dail_estimate_rows(config, reports, plan, chip_name):
-    from opdjax.dail.memory import estimate_dail_memory
     model = model_for(config.model, "model", config.compile.model)
     rows = []
     for job, ours, theirs in (("dail_synthesize", "mixed rollout", "rollout"),
@@ -150,8 +152,8 @@ def _rows(est, reports, pairs):
 def run(config) -> dict:
     t0 = time.perf_counter()
     chip, devices, topo = target(config)
-    mesh = sharding.make_mesh(tuple(config.mesh.shape), devices=list(devices))
-    plan = ShardingPlan(mesh)
+    plan = sharding.plan_from_config(config.mesh, devices=list(devices))
+    mesh = plan.mesh
     phases = phases_for(config, plan)
     say = print if multihost.is_writer() else (lambda *_: None)
     say(f"opdjax compile: {len(phases)} phases for {topo} ({len(devices)} chips), mesh {dict(mesh.shape)}")

@@ -18,10 +18,12 @@ from opdjax import losses
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
 from opdjax.rollout.sampler import SamplingSettings, sample
+from opdjax.rollout.stops import stop_ids
 from opdjax.sharding import ShardingPlan
 from opdjax.teachability import margins, rule
 from opdjax.teachability.scoring import teacher_logprobs
-from opdjax.train.step import StepSettings, TrainBatch, init_state, jit_train_step, make_optimizer, state_shardings
+from opdjax.train.loop import init_state, make_optimizer
+from opdjax.train.step import StepSettings, TrainBatch, jit_train_step, state_shardings
 
 
 @dataclasses.dataclass
@@ -73,11 +75,10 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def stop_ids_of(cfg: ModelConfig, extra=()) -> tuple[int, ...]:
-    eos = cfg.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    ids.update(int(i) for i in extra)
-    return tuple(sorted(ids)) or (0,)
+def lowering_stop_ids(cfgs, extra=()) -> tuple[int, ...]:
+    """The stop ids without a tokenizer (config.json's); any id when there is none, as which one
+    does not change the lowered program."""
+    return stop_ids(cfgs=cfgs, extra=extra) or (0,)
 
 
 def opd_phases(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, release: rule.ReleaseSettings,
@@ -89,7 +90,7 @@ def opd_phases(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, relea
     T = P + N
     pad_id = student_cfg.pad_token_id or 0
     s_dtype, t_dtype = _dtype(c.student.dtype), _dtype(c.teacher.dtype)
-    stops = stop_ids_of(student_cfg, c.rollout.stop_tokens)
+    stops = lowering_stop_ids((student_cfg,), c.rollout.stop_tokens)
 
     tx = make_optimizer(c.optimizer, c.train.steps)
     st_sh = state_shardings(tx, student_cfg, plan, s_dtype)

@@ -20,13 +20,10 @@ import jax
 from opdjax.aot import hlo
 from opdjax.aot.chips import Chip
 from opdjax.aot.phases import Phase, argument_shards, per_chip_bytes
+from opdjax.errors import DoesNotFitError  # noqa: F401 (raised here; importable from here)
 
 log = logging.getLogger(__name__)
 GiB = 1024 ** 3
-
-
-class DoesNotFitError(MemoryError):
-    """A phase needs more HBM per chip than the chip has; the message names phase and buffers."""
 
 
 @dataclasses.dataclass

@@ -11,11 +11,13 @@ it synthesises the traces, is the frozen reference of both KL terms, and is what
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from opdjax.aot.config import compile_section
-
-from opdjax.train.config import model_section, optimizer_section
+import opdjax
+from opdjax import schema
+from opdjax.toy import dail_problems
 
 # The three contexts, written for opdjax (templates, not code). Placeholders are replaced by plain
 # substitution, never str.format, so braces in LaTeX problems are safe:
@@ -44,33 +46,38 @@ HINT_TEXT_NO_LANDMARKS = "Hint: the final answer is {answer}."
 HINT_TEXT_NO_ANSWER = "Hint: intermediate results might include {landmarks}."  # proofs: no final answer
 
 
+TOY_MODEL = os.path.join(os.path.dirname(opdjax.__file__), "assets", "toy_dail", "model")  # the embedded M
+TOY_PROBLEMS = "tfds:opdjax_dail_toy/seed0"  # shipped; prepared in data.data_dir on first use
+ON_NO_MATCH = ("skip", "random")  # synthesis.on_no_match choices
+
+
+def output_path(config) -> str:
+    """Where synthesis writes its traces."""
+    return config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
+
+
+def traces_path(config) -> str:
+    """Where training reads its traces: train.traces, else the synthesis output."""
+    return config.train.traces or output_path(config)
+
+
 def dail_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.job = "dail_synthesize"
-    c.workdir = "runs/dail"
-    c.seed = 0
+    schema.common(c, job="dail_synthesize", workdir="runs/dail")  # job, workdir, seed, chip, mesh, compile
 
-    c.model = model_section()  # M: synthesises, is the frozen reference, and is trained
-    # Full-sequence forwards (scoring, training; decoding is always XLA): auto | xla | splash | cudnn.
-    # auto = splash on TPU, cudnn on GPU for bfloat16 params, xla otherwise (opdjax.models.attention).
-    c.model.attention = "auto"
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor)
-    c.chip = "cpu"  # memory estimate checked against this chip (opdjax.train.memory.CHIPS)
-    c.compile = compile_section()  # job=compile: every phase compiled for a TPU topology (opdjax.aot)
+    c.model = schema.model_role()  # M: synthesises, is the frozen reference, and is trained
+    c.model.attention = schema.ATTENTION  # full-sequence forwards (see opdjax.schema)
 
-    # Problems with expert solutions, from any source opdjax.data.sources opens: a .jsonl(.gz) /
-    # .parquet / ArrayRecord file, a TFDS or save_to_disk directory, or "tfds:NAME" under data_dir;
-    # local or gs://. data.split in TFDS syntax ("train[:90%]").
-    c.data = ml_collections.ConfigDict()
+    # Problems with expert solutions; data.split in TFDS syntax ("train[:90%]").
+    # data.max_prompt_tokens: a longer rendered context (student, expert or hint) is an error.
+    c.data = schema.data_section(max_prompt_tokens=2048)  # data_dir, answer_field, max_prompt_tokens
     c.data.problems = ""
     c.data.split = "train"
     c.data.id_field = ""  # "" = the record's position in the file
     c.data.problem_field = "problem"
     c.data.solution_field = "solution"  # a string, or a list of strings (several expert solutions)
-    c.data.answer_field = "answer"  # "" or a missing/empty value: no checkable answer for that problem
     c.data.limit = 0  # 0 = every problem
-    c.data.data_dir = ""  # TFDS data_dir for tfds:NAME sources; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # data.answer_field: "" or a record's missing/empty value = no checkable answer for that problem
 
     # Prompts of the three contexts, rendered as one user turn with the checkpoint's chat template.
     c.prompts = ml_collections.ConfigDict()
@@ -79,7 +86,6 @@ def dail_config() -> ml_collections.ConfigDict:
     c.prompts.hint = HINT_TEMPLATE
     c.prompts.system = ""  # a system turn before each, "" = none
     c.prompts.enable_thinking = True  # Qwen3: thinking mode on (templates without the switch ignore it)
-    c.prompts.max_prompt_tokens = 2048  # a longer rendered context is an error naming the record
     c.prompts.solution_separator = "\n\n---\n\n"  # between several expert solutions of one problem
 
     c.hint = ml_collections.ConfigDict()
@@ -89,18 +95,18 @@ def dail_config() -> ml_collections.ConfigDict:
     c.hint.max_landmarks = 8
     c.hint.max_expression_chars = 24
 
-    # Step 1: the mixed rollout (DAIL.md).
+    # Step 1: the mixed rollout (DAIL.md). rollout.max_new_tokens is also the traces' length that
+    # training's memory estimate assumes.
+    c.rollout = schema.rollout_section(max_new_tokens=256)  # max_new_tokens, cache_dtype
     c.synthesis = ml_collections.ConfigDict()
     c.synthesis.output = ""  # "" = workdir/traces.jsonl; a re-run skips problems already in it
     c.synthesis.accept_threshold = 0.5  # tau: 0 = student only, 1 = expert only ("direct")
     c.synthesis.top_n = 20  # P and V are the top-20 distributions of the two contexts
     c.synthesis.retries = 5  # draws from P before the expert takes over
     c.synthesis.num_samples = 32  # traces drawn per problem; one is kept
-    c.synthesis.max_new_tokens = 256
     c.synthesis.ban_tokens = ("</think>",)  # never generated during synthesis (tokens not in the vocab are ignored)
     c.synthesis.problems_per_batch = 1  # rows per jitted call = problems_per_batch * num_samples
     c.synthesis.on_no_match = "skip"  # a checkable problem none of whose traces matches: skip | random
-    c.synthesis.cache_dtype = ""  # "" = the params' dtype | bfloat16 | float32
 
     # Step 2: contrastive distillation.
     c.train = ml_collections.ConfigDict()
@@ -113,20 +119,21 @@ def dail_config() -> ml_collections.ConfigDict:
     c.train.negative_clip = 10.0  # nats; 0 = no clip
     c.train.negative_alarm = 5.0  # warn (and count) when a step's mean negative KL exceeds this; 0 = off
     c.train.epochs = 3
-    c.train.sequences_per_step = 16
-    c.train.microbatches = 1
-    c.train.chunk_tokens = 256  # response positions per full-vocabulary chunk
     c.train.max_response_tokens = 0  # 0 = the longest trace; a longer trace is an error naming it
     c.train.remat = True
 
-    # LoRA (train.full_finetune=False): the reference is the base with the adapter off.
+    c.batch = schema.batch_section()  # microbatches
+    c.batch.sequences_per_step = 16  # traces per optimizer step
+    c.loss = schema.loss_section()  # chunk_tokens: response positions per full-vocabulary chunk
+
+    # LoRA (lora.enabled): the reference is the base with the adapter off.
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True  # False = full fine-tuning against a frozen copy of M
     c.lora.rank = 32
     c.lora.alpha = 32.0
     c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
 
-    c.optimizer = optimizer_section(learning_rate=2e-4, schedule="linear", warmup_steps=5, weight_decay=0.01)
+    c.optimizer = schema.optimizer_section(learning_rate=2e-4, schedule="linear", warmup_steps=5, weight_decay=0.01)
 
     # Evaluation: pass@k for k = 1..samples, base vs trained.
     c.eval = ml_collections.ConfigDict()
@@ -156,14 +163,40 @@ def dail_config() -> ml_collections.ConfigDict:
     c.demo.num_problems = 48
     c.demo.num_eval_problems = 64
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.directory = ""
-    c.checkpoint.every = 50
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.export_hf = True  # merged (LoRA folded into the base) student in workdir/student_hf
+    c.checkpoint = schema.checkpoint_section(keep=2)  # export_hf: LoRA merged into the base
+    c.metrics = schema.metrics_section()
+    return c
 
-    c.metrics = ml_collections.ConfigDict()
-    c.metrics.tensorboard = True
-    c.metrics.progress = True
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A real-scale DAIL config shrunk to a CPU check of its own job on the embedded toy model and
+    problems (`:runlocal`): tiny batches, one epoch. A synthesis and a training config of one
+    workdir still share it, so the training check reads the synthesis check's traces."""
+    c.workdir += "_runlocal"
+    c.chip = "cpu"  # no memory check against the real chip
+    c.mesh.shape = (1, -1, 1)
+    c.model.path, c.model.gguf, c.model.dtype = TOY_MODEL, "", "float32"
+    c.data.problems, c.data.split, c.data.id_field = TOY_PROBLEMS, "train[:4]", "id"
+    c.data.max_prompt_tokens = 256
+    # The toy model's own prompt formats, thinking off, as it was trained.
+    c.prompts.student, c.prompts.expert, c.prompts.hint = dail_problems.TOY_STUDENT, dail_problems.TOY_EXPERT, dail_problems.TOY_HINT
+    c.prompts.enable_thinking = False
+    c.hint.text, c.hint.text_no_landmarks = dail_problems.TOY_HINT_TEXT, dail_problems.TOY_HINT_TEXT_NO_LANDMARKS
+    c.rollout.max_new_tokens = 32
+    c.synthesis.num_samples = 2
+    c.synthesis.problems_per_batch = 2
+    c.synthesis.on_no_match = "random"  # a trace for every problem: the training check has data
+    c.batch.sequences_per_step = 4
+    c.batch.microbatches = min(c.batch.microbatches, 2)  # keeps accumulation when the real config has it
+    c.loss.chunk_tokens = 16
+    c.train.epochs = 1
+    c.lora.rank, c.lora.alpha = 4, 8.0
+    c.eval.problems, c.eval.split = TOY_PROBLEMS, "eval[:4]"
+    c.eval.samples = 2
+    c.eval.budgets = (32,)
+    c.eval.forced_answer, c.eval.answer_tokens = " The answer is", 6
+    c.eval.rows_per_call = 8
+    c.checkpoint.every = 0
+    c.metrics.tensorboard = False
+    c.metrics.progress = False
     return c

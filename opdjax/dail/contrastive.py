@@ -238,15 +238,15 @@ def contrastive_loss(student_params, ref_params, batch: AlignedBatch, cfg, *, ga
 
     c = min(chunk_tokens, R)
     n = -(-R // c)
-    xs = tuple(losses._pad_chunks(a, R, n, c) for a in (h_student, h_pos, h_neg, coeff))
+    xs = tuple(losses.pad_to_chunks(a, R, n, c) for a in (h_student, h_pos, h_neg, coeff))
 
     def body(hs, hp, hn, cf):
         z = qwen.logits_from_hidden(student_params, hs, plan)
         zp = jax.lax.stop_gradient(qwen.logits_from_hidden(ref_params, hp, plan))
         zn = jax.lax.stop_gradient(qwen.logits_from_hidden(ref_params, hn, plan))
         # losses' full-vocabulary KL: closed-form VJP w.r.t. the student logits only.
-        kl_pos, _ = losses._full_vocab_loss(z, zp, divergence, 0.0)
-        kl_neg, _ = losses._full_vocab_loss(z, zn, divergence, 0.0)
+        kl_pos, _ = losses.full_vocab_divergence(z, zp, divergence)
+        kl_neg, _ = losses.full_vocab_divergence(z, zn, divergence)
         over = (clip > 0) & (kl_neg > clip)  # clip <= 0: no guard
         guarded = jnp.where(over, clip, kl_neg)  # a constant beyond the clip: zero gradient
         total = jnp.sum(cf * (kl_pos - gamma * guarded))

@@ -3,11 +3,11 @@
     python launch/tpu_run.py --config configs/dail_demo.py
 
 1. reads `demo.num_problems` toy arithmetic problems with terse "didactic" expert solutions
-   (steps skipped: opdjax.dail.toy.terse_solution) and `demo.num_eval_problems` held-out ones from
+   (steps skipped: opdjax.toy.dail_problems.terse_solution) and `demo.num_eval_problems` held-out ones from
    the shipped TFDS dataset `tfds:opdjax_dail_toy/seed<seed>` (train / eval splits; prepared in
    data.data_dir on first use: opdjax.data.builders);
 2. synthesis (opdjax.dail.synthesize) -> workdir/traces.jsonl;
-3. contrastive training (opdjax.dail.train) -> workdir/student_hf (LoRA merged);
+3. contrastive training (opdjax.dail.distill) -> workdir/student_hf (LoRA merged);
 4. evaluation (opdjax.dail.evaluate): pass@k for k = 1..n, base vs trained, same keys;
 5. workdir/report.md: what each step produced, with the pass@k and training-curve pictures.
 Each step is the same job a real run launches on its own; the demo only chains them.
@@ -22,7 +22,7 @@ import os
 import time
 
 from opdjax import multihost
-from opdjax.dail import evaluate, synthesize, train
+from opdjax.dail import distill, evaluate, synthesize
 from opdjax.data import builders
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run(config) -> dict:
     syn = synthesize.run(config)
     timings["synthesis_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    tr = train.run(config)
+    tr = distill.run(config)
     tr.pop("final_params", None)
     timings["training_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -24,6 +24,7 @@ boundary (opdjax.eval.budget), and renders and grades its share of the prompts a
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -33,15 +34,21 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from opdjax import multihost
+from opdjax import multihost, sharding
 from opdjax.aot import job as aot_job
+from opdjax.dail.prompts import render_student_prompt
 from opdjax.data.grading import grade_batch
 from opdjax.data.prompts import Problem
 from opdjax.data.records import PromptDataError, describe_fields, iter_records
+from opdjax.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
 from opdjax.eval import choice as choice_lib
 from opdjax.eval.budget import generate_with_budget
 from opdjax.eval.passk import default_ks, pass_at_k_table, plot_pass_at_k
+from opdjax.models.load import load_model, model_config, model_tokenizer
 from opdjax.rollout.sampler import SamplingSettings
+from opdjax.rollout.stops import stop_ids
+from opdjax.train import metrics as metrics_lib
+from opdjax.train.validate import load_tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +296,9 @@ def load_eval_problems(config) -> list:
 
 def encode_student_prompt(tokenizer, config, text: str, source: str = "") -> list[int]:
     """Token ids of the student context for a problem text (opdjax.dail.prompts renders it, and
-    raises naming `source` when it is longer than config.prompts.max_prompt_tokens)."""
-    from opdjax.dail.prompts import render_student_prompt
-
-    return [int(i) for i in render_student_prompt(tokenizer, config.prompts, text, record=source)]
+    raises naming `source` when it is longer than config.data.max_prompt_tokens)."""
+    return [int(i) for i in render_student_prompt(tokenizer, config.prompts, text,
+                                                     max_prompt_tokens=config.data.max_prompt_tokens, record=source)]
 
 
 def _model_source(section_or_path) -> tuple[str, str]:
@@ -302,37 +308,18 @@ def _model_source(section_or_path) -> tuple[str, str]:
     return ("gguf", section_or_path.gguf) if section_or_path.gguf else ("hf", section_or_path.path)
 
 
-def _model_config(source: tuple[str, str]):
+def _paths(source: tuple[str, str]) -> tuple[str, str]:
+    """(path, gguf) arguments of opdjax.models.load for a (kind, path) source."""
     kind, path = source
-    if kind == "gguf":
-        from opdjax.models import gguf_io
-        return gguf_io.config_from_gguf(path)
-    from opdjax.models.config import ModelConfig
-    return ModelConfig.from_pretrained(path)
-
-
-def _loader(source: tuple[str, str], plan, dtype: str):
-    def load():
-        kind, path = source
-        if kind == "gguf":
-            from opdjax.models import gguf_io
-            return gguf_io.load_gguf(path, plan=plan, dtype=dtype)
-        from opdjax.models import hf_io
-        return hf_io.load_pretrained(path, plan=plan, dtype=dtype)
-    return load
+    return ("", path) if kind == "gguf" else (path, "")
 
 
 def _check_tokenizer(tokenizer, source: tuple[str, str], name: str, field: str) -> None:
     """An evaluated model must read the base model's token ids the same way."""
-    from opdjax.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, load_tokenizer
     kind, path = source
-    if kind == "gguf":
-        from opdjax.models import gguf_io
-        other = gguf_io.load_gguf_tokenizer(path)
-    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
-        other = load_tokenizer(path)
-    else:
+    if kind == "hf" and not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return  # no tokenizer files: it is read with the base model's
+    other = model_tokenizer(*_paths(source))
     try:
         check_same_tokenizer(tokenizer, other, "model", name)
     except TokenizerMismatchError as e:
@@ -362,20 +349,8 @@ def evaluated_models(config, tokenizer) -> dict[str, tuple[str, str]]:
     return models
 
 
-def stop_ids_for(tokenizer, cfgs) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for cfg in cfgs:
-        eos = cfg.eos_token_id
-        ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    return tuple(sorted(int(i) for i in ids))
-
-
 def run(config) -> dict:
     """The dail_eval job; returns the summary (also in workdir/eval/passk.json)."""
-    from opdjax import sharding
-    from opdjax.train import metrics as metrics_lib
-    from opdjax.train.validate import load_tokenizer_for
-
     t_start = time.perf_counter()
     _check_eval(config)
     e = config.eval
@@ -385,10 +360,12 @@ def run(config) -> dict:
     # every process evaluates the same models (a model seen by some processes only would part them)
     multihost.agree(sorted(sources.items()), "models to evaluate",
                     fix="every worker must see the same files (shared storage), e.g. workdir/student_hf")
-    cfgs = {name: _model_config(src) for name, src in sources.items()}
-    plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
+    cfgs = {name: model_config(*_paths(src)) for name, src in sources.items()}
+    plan = sharding.plan_from_config(config.mesh)
     aot_job.check_at_start(config, plan, "dail_eval")  # TPU: does the sampler fit? (before any weight)
-    loaders = {name: _loader(src, plan, config.model.dtype) for name, src in sources.items()}
+    # called when each model's turn comes: one model's weights held at a time
+    loaders = {name: functools.partial(load_model, *_paths(src), plan=plan, dtype=config.model.dtype)
+               for name, src in sources.items()}
     log.info("dail_eval: %d %s problems x %d samples, budgets %s, models %s", len(problems), e.kind, e.samples,
              tuple(e.budgets), {n: p for n, (_, p) in sources.items()})
 
@@ -423,7 +400,7 @@ def run(config) -> dict:
             loaders, tokenizer, problems, prompt_ids_fn=prompt_ids_fn, kind=e.kind, samples=e.samples,
             budgets=tuple(e.budgets), temperature=float(e.temperature), top_p=float(e.top_p),
             forced_answer=e.forced_answer, answer_tokens=e.answer_tokens,
-            stop_ids=stop_ids_for(tokenizer, cfgs.values()), key=jax.random.key(config.seed), plan=plan,
+            stop_ids=stop_ids(tokenizer, cfgs.values()), key=jax.random.key(config.seed), plan=plan,
             shuffle_seed=config.seed, rows_per_call=int(e.rows_per_call), callback=on_result)
     summary["model_paths"] = {n: p for n, (_, p) in sources.items()}
     summary["seconds"] = time.perf_counter() - t_start

@@ -13,7 +13,7 @@ Templates are filled by plain one-pass substitution (`fill`), never `str.format`
 solutions are LaTeX (`\\frac{1}{2}`, `\\boxed{answer}`), and a solution that happens to contain
 the text `{problem}` must reach the model as written, not be substituted again.
 
-A context longer than `prompts.max_prompt_tokens` is an error naming the record: a truncated
+A context longer than `data.max_prompt_tokens` is an error naming the record: a truncated
 context is a different problem (or a reference cut mid-solution), and both KL terms would be
 computed against it.
 """
@@ -98,9 +98,6 @@ def _check_settings(prompts: Any) -> None:
     if not isinstance(prompts.enable_thinking, bool):
         raise ValueError(f"config.prompts.enable_thinking must be true or false, got "
                          f"{prompts.enable_thinking!r}")
-    limit = prompts.max_prompt_tokens
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"config.prompts.max_prompt_tokens must be a positive integer, got {limit!r}")
     if not isinstance(prompts.solution_separator, str):
         raise ValueError(f"config.prompts.solution_separator must be a string, got "
                          f"{prompts.solution_separator!r}")
@@ -144,17 +141,18 @@ def _require_text(value: Any, what: str, where: str) -> None:
         raise ValueError(f"{where}: the {what} is empty")
 
 
-def _render(tokenizer, prompts: Any, user_texts: dict[str, str], where: str
+def _render(tokenizer, prompts: Any, user_texts: dict[str, str], where: str, limit: int
             ) -> tuple[dict[str, list[int]], dict[str, str]]:
     """(ids, texts) per context; ValueError naming `where` and every context over the limit."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"config.data.max_prompt_tokens must be a positive integer, got {limit!r}")
     messages = {k: _messages(prompts, u) for k, u in user_texts.items()}
     kwargs = dict(add_generation_prompt=True, enable_thinking=prompts.enable_thinking)
     ids = {k: list(encode_chat(tokenizer, m, **kwargs)) for k, m in messages.items()}
-    limit = prompts.max_prompt_tokens
     too_long = [k for k in ids if len(ids[k]) > limit]
     if too_long:
         raise ValueError("; ".join(
-            f"{where}: {k} context is {len(ids[k])} tokens > config.prompts.max_prompt_tokens="
+            f"{where}: {k} context is {len(ids[k])} tokens > config.data.max_prompt_tokens="
             f"{limit}: {_SHORTEN[k]} or raise the limit" for k in too_long)
             + " (contexts are never truncated)")
     texts = {k: render_chat(tokenizer, m, **kwargs) for k, m in messages.items()}
@@ -162,7 +160,7 @@ def _render(tokenizer, prompts: Any, user_texts: dict[str, str], where: str
 
 
 def render_contexts(tokenizer, prompts: Any, problem: str, solutions: str | Iterable[str],
-                    hint: str, *, record: str = "") -> Contexts:
+                    hint: str, *, max_prompt_tokens: int, record: str = "") -> Contexts:
     """The student, expert and hint contexts of one problem: each one user turn (after a system
     turn when `prompts.system` is set) with the generation prompt, thinking switched by
     `prompts.enable_thinking`. `record` names the problem in errors (e.g. "problem id 17
@@ -180,17 +178,18 @@ def render_contexts(tokenizer, prompts: Any, problem: str, solutions: str | Iter
         "expert": fill(prompts.expert, "prompts.expert", problem=problem, solution=solution),
         "hint": fill(prompts.hint, "prompts.hint", problem=problem, hint=hint),
     }
-    ids, texts = _render(tokenizer, prompts, user_texts, where)
+    ids, texts = _render(tokenizer, prompts, user_texts, where, max_prompt_tokens)
     return Contexts(student=ids["student"], expert=ids["expert"], hint=ids["hint"],
                     texts=(texts["student"], texts["expert"], texts["hint"]))
 
 
-def render_student_prompt(tokenizer, prompts: Any, problem: str, *, record: str = "") -> list[int]:
+def render_student_prompt(tokenizer, prompts: Any, problem: str, *, max_prompt_tokens: int,
+                          record: str = "") -> list[int]:
     """The student context alone (what evaluation prompts with), under the same rules."""
     _check_template(prompts, "student")
     _check_settings(prompts)
     where = record or "this problem"
     _require_text(problem, "problem", where)
     user = fill(prompts.student, "prompts.student", problem=problem)
-    ids, _ = _render(tokenizer, prompts, {"student": user}, where)
+    ids, _ = _render(tokenizer, prompts, {"student": user}, where, max_prompt_tokens)
     return ids["student"]

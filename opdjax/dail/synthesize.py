@@ -3,7 +3,7 @@
     python launch/tpu_run.py --config configs/dail_demo.py --config.job=dail_synthesize
 
 For every problem the frozen model M draws `synthesis.num_samples` traces with the mixed rollout
-(`opdjax.dail.mixed`: the student context speaks, the expert context takes over when the student
+(`opdjax.rollout.mixed`: the student context speaks, the expert context takes over when the student
 strays) and keeps one of them:
   - the problem has a checkable answer (data.answer_field): the first trace whose final answer
     (`opdjax.data.grading.extract_answer`) is equivalent to it (`answers_equivalent`); when none
@@ -74,118 +74,44 @@ import numpy as np
 
 from opdjax import multihost, sharding
 from opdjax.aot import job as aot_job
-from opdjax.dail import mixed
-from opdjax.dail.config import dail_config
-from opdjax.dail.data import ExpertProblem, load_expert_problems
+from opdjax.dail.config import output_path
+from opdjax.dail.expert_problems import ExpertProblem, load_expert_problems
+from opdjax.dail.hints import hint_text
+from opdjax.dail.prompts import join_solutions, render_contexts
 from opdjax.data import grading
 from opdjax.data.prompts import left_pad
 from opdjax.models.config import ModelConfig
+from opdjax.models.load import load_section
+from opdjax.rollout import mixed, stops
 from opdjax.train import metrics as metrics_lib
-from opdjax.data.sources import missing_local_path
+from opdjax.train.validate import load_tokenizer_for, validate_dail_synthesis
 
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 16  # prompt widths are rounded up to this (one compile for the whole run)
-ON_NO_MATCH = ("skip", "random")
 EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 SUMMARY_FILE = "synthesis_summary.json"
 
 
-class SynthesisConfigError(ValueError):
-    """A config value the synthesis job cannot use; the message names the field."""
-
-
-# ------------------------------------------------------------------------------------ validation
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def output_path(config) -> str:
-    return config.synthesis.output or os.path.join(config.workdir, "traces.jsonl")
-
 
 def check_config(config, *, num_devices: int | None = None) -> ModelConfig:
-    """Check everything the synthesis job reads, before any weights are loaded. Returns M's
-    ModelConfig (from config.json). Errors name the config field."""
-    from opdjax.dail.hints import check_hint_config
-    from opdjax.dail.prompts import check_templates
-    from opdjax.train import validate
-
-    try:
-        validate.check_unknown_fields(config, dail_config(), kind="a DAIL", where="opdjax/dail/config.py")
-    except ValueError as e:
-        raise SynthesisConfigError(str(e)) from e
-    s, d = config.synthesis, config.data
-    if not _is_int(config.seed) or config.seed < 0:
-        raise SynthesisConfigError(f"config.seed={config.seed!r} must be an integer >= 0.")
-    if not d.problems:
-        raise SynthesisConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet / "
-                                   "ArrayRecord file, a TFDS or save_to_disk directory, or tfds:NAME.")
-    if missing_local_path(d.problems):
-        raise SynthesisConfigError(f"config.data.problems={d.problems!r} does not exist.")
-    if not _is_int(d.limit) or d.limit < 0:
-        raise SynthesisConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")
-    if not isinstance(s.accept_threshold, (int, float)) or isinstance(s.accept_threshold, bool) \
-            or not 0.0 <= float(s.accept_threshold) <= 1.0:
-        raise SynthesisConfigError(f"config.synthesis.accept_threshold={s.accept_threshold!r} must be a number "
-                                   "in [0, 1] (0 = student only, 1 = expert only).")
-    for name, low in (("num_samples", 1), ("problems_per_batch", 1), ("max_new_tokens", 1), ("top_n", 1),
-                      ("retries", 1)):
-        v = s[name]
-        if not _is_int(v) or v < low:
-            raise SynthesisConfigError(f"config.synthesis.{name}={v!r} must be an integer >= {low}.")
-    if s.on_no_match not in ON_NO_MATCH:
-        raise SynthesisConfigError(f"config.synthesis.on_no_match={s.on_no_match!r}: choose one of {ON_NO_MATCH}.")
-    if isinstance(s.ban_tokens, str) or not all(isinstance(t, str) for t in s.ban_tokens):
-        raise SynthesisConfigError(f"config.synthesis.ban_tokens={s.ban_tokens!r} must be a tuple of token "
-                                   "strings, e.g. ('</think>',).")
-    if s.cache_dtype not in ("", "float32", "bfloat16"):
-        raise SynthesisConfigError(f"config.synthesis.cache_dtype={s.cache_dtype!r}: choose '' (the params' "
-                                   "dtype), float32 or bfloat16.")
-    out = output_path(config)
-    if os.path.isdir(out):
-        raise SynthesisConfigError(f"config.synthesis.output={out!r} is a directory; give a file path "
-                                   "(or '' for workdir/traces.jsonl).")
-    try:
-        check_templates(config.prompts)
-        check_hint_config(config.hint)
-    except ValueError as e:
-        raise SynthesisConfigError(str(e)) from e
-    try:
-        model_cfg = validate.model_cfg(config.model, "model", attention=config.model.attention)
-    except ValueError as e:  # ConfigError, or config.json problems from ModelConfig
-        raise SynthesisConfigError(str(e)) from e
-    if s.top_n > model_cfg.vocab_size:
-        raise SynthesisConfigError(f"config.synthesis.top_n={s.top_n} exceeds the vocabulary of config.model "
-                                   f"({model_cfg.vocab_size}).")
-    try:
-        sharding.mesh_shape_from_config(tuple(config.mesh.shape), num_devices or jax.device_count(),
-                                        field="config.mesh.shape")
-    except sharding.ShardingError as e:
-        raise SynthesisConfigError(str(e)) from e
-    from opdjax.dail.memory import check_fits, estimate_dail_memory
-    check_fits(estimate_dail_memory(config, model_cfg, num_devices=num_devices or jax.device_count(),
-                                    job="dail_synthesize"))  # refuses a config that cannot fit config.chip
-    return model_cfg
+    """Everything the synthesis job reads, before any weights are loaded (opdjax.train.validate).
+    Returns M's ModelConfig (from config.json)."""
+    return validate_dail_synthesis(config, num_devices=num_devices)
 
 
 # ------------------------------------------------------------------------------------ tokens
 def special_ids(tokenizer, model_cfg: ModelConfig, ban_tokens) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(stop ids, banned ids); see the module docstring."""
     vocab = tokenizer.get_vocab()
-    stop = set()
-    if tokenizer.eos_token_id is not None:
-        stop.add(int(tokenizer.eos_token_id))
-    eos = model_cfg.eos_token_id
-    stop.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-    stop.update(int(vocab[t]) for t in EXTRA_STOP_TOKENS if t in vocab)
+    stop = stops.stop_ids(tokenizer, (model_cfg,), [vocab[t] for t in EXTRA_STOP_TOKENS if t in vocab])
     banned = []
     for t in ban_tokens:
         if t in vocab:
             banned.append(int(vocab[t]))
         else:
             log.info("synthesis.ban_tokens: %r is not a token of this vocabulary; ignored", t)
-    return tuple(sorted(stop)), tuple(sorted(set(banned)))
+    return stop, tuple(sorted(set(banned)))
 
 
 # ------------------------------------------------------------------------------------ output
@@ -336,32 +262,18 @@ def _round_up(n: int, m: int = PAD_MULTIPLE) -> int:
     return max(m, int(math.ceil(n / m) * m))
 
 
-def _load_params(section, plan):
-    if section.gguf:
-        from opdjax.models import gguf_io
-        params, _ = gguf_io.load_gguf(section.gguf, plan=plan, dtype=section.dtype)
-        return params
-    from opdjax.models import hf_io
-    params, _ = hf_io.load_pretrained(section.path, plan=plan, dtype=section.dtype)
-    return params
-
-
 def run(config) -> dict:
     """Synthesise traces for every problem not yet in the output; returns the summary dict (also
     written to workdir/synthesis_summary.json)."""
-    from opdjax.dail.hints import hint_text
-    from opdjax.dail.prompts import join_solutions, render_contexts
-    from opdjax.train.validate import load_tokenizer_for
-
     t_start = time.perf_counter()
     model_cfg = check_config(config)
     s = config.synthesis
     tau, seed, n_samples, ppb = float(s.accept_threshold), int(config.seed), int(s.num_samples), int(s.problems_per_batch)
     tokenizer = load_tokenizer_for(config.model, "model")
     stop_ids, banned_ids = special_ids(tokenizer, model_cfg, s.ban_tokens)
-    settings = mixed.MixedSettings(max_new_tokens=int(s.max_new_tokens), accept_threshold=tau, top_n=int(s.top_n),
+    settings = mixed.MixedSettings(max_new_tokens=int(config.rollout.max_new_tokens), accept_threshold=tau, top_n=int(s.top_n),
                                    retries=int(s.retries), stop_ids=stop_ids, banned_ids=banned_ids,
-                                   cache_dtype=s.cache_dtype).check(model_cfg.vocab_size)
+                                   cache_dtype=config.rollout.cache_dtype).check(model_cfg.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
     d = config.data
@@ -377,7 +289,8 @@ def run(config) -> dict:
                              problem=p.problem)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        ctx = render_contexts(tokenizer, config.prompts, p.problem, list(p.solutions), hint, record=where)
+        ctx = render_contexts(tokenizer, config.prompts, p.problem, list(p.solutions), hint,
+                              max_prompt_tokens=config.data.max_prompt_tokens, record=where)
         hints.append(hint)
         student_rows.append(ctx.student)
         expert_rows.append(ctx.expert)
@@ -404,10 +317,9 @@ def run(config) -> dict:
 
     generated_tokens, processed, t_loop = 0, 0, None
     if todo:
-        mesh = sharding.make_mesh(tuple(config.mesh.shape))
-        plan = sharding.ShardingPlan(mesh)
+        plan = sharding.plan_from_config(config.mesh)
         aot_job.check_at_start(config, plan, "dail_synthesize")  # TPU: does the rollout fit? (before weights)
-        params = _load_params(config.model, plan)
+        params, _ = load_section(config.model, plan)  # model_cfg (attention resolved) drives the rollout
         root = jax.random.key(seed)
         # every process holds the whole (small) prompt batch; each device gets its rows
         put = lambda x: multihost.to_global(plan, x, ("batch", "length"))  # noqa: E731

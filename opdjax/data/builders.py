@@ -34,6 +34,9 @@ import numpy as np
 from etils import epath
 
 from opdjax.data.sources import PromptDataError
+from opdjax.toy import arithmetic
+from opdjax.toy import dail_problems
+from opdjax import multihost
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +287,12 @@ def _record_shard_checksums(builder) -> None:
 
 # --------------------------------------------------------------------------- shipped data
 def _toy_arithmetic(seed: int):
-    from opdjax.data import toy_task
 
     def fields(p):
         return {"prompt": p["prompt"], "answer": str(p["answer"]), "solution": p["solution"],
                 "values": [int(v) for v in p["values"]], "steps": list(p["steps"])}
-    return {"train": [fields(p) for p in toy_task.make_problems(TOY_TRAIN, seed, "train")],
-            "eval": [fields(p) for p in toy_task.make_problems(TOY_EVAL, seed, "eval")]}
+    return {"train": [fields(p) for p in arithmetic.make_problems(TOY_TRAIN, seed, "train")],
+            "eval": [fields(p) for p in arithmetic.make_problems(TOY_EVAL, seed, "eval")]}
 
 
 def _word_problems(seed: int):
@@ -301,9 +303,8 @@ def _word_problems(seed: int):
 
 
 def _dail_toy(seed: int):
-    from opdjax.dail import toy
 
-    return {"train": toy.demo_records(DAIL_TRAIN, seed, "train"), "eval": toy.demo_records(DAIL_EVAL, seed, "eval")}
+    return {"train": dail_problems.demo_records(DAIL_TRAIN, seed, "train"), "eval": dail_problems.demo_records(DAIL_EVAL, seed, "eval")}
 
 
 TOY_TRAIN, TOY_EVAL = 8192, 1024  # make_problems(n) is a prefix of make_problems(N): slice train[:n]
@@ -312,11 +313,11 @@ DAIL_TRAIN, DAIL_EVAL = 1024, 1024
 # name -> (records of a seed, description, has a seed config)
 SHIPPED = {
     "opdjax_toy_arithmetic": (_toy_arithmetic, "Multi-step arithmetic problems of the embedded toy pair "
-                                               "(opdjax.data.toy_task): prompt, answer, worked solution.", True),
+                                               "(opdjax.toy.arithmetic): prompt, answer, worked solution.", True),
     "opdjax_word_problems": (_word_problems, "24 short word problems with numeric answers "
                                              "(opdjax/assets/prompts/word_problems.jsonl).", False),
     "opdjax_dail_toy": (_dail_toy, "DAIL toy problems: arithmetic problems with terse expert solutions "
-                                   "(opdjax.dail.toy.demo_records).", True),
+                                   "(opdjax.toy.dail_problems.demo_records).", True),
 }
 
 
@@ -334,7 +335,6 @@ def shipped_builder(name: str, data_dir: str):
     process that then cannot see it (a data_dir not shared) prepares its own identical copy."""
     import tensorflow_datasets as tfds
 
-    from opdjax import multihost
 
     base, config, version = _parse_name(name)
     if base not in SHIPPED:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opdjax.data.sources import PromptDataError, describe_fields, open_source
+from opdjax.data.tokenizer import render_chat
 
 
 @dataclasses.dataclass
@@ -121,7 +122,6 @@ def render_prompt(tokenizer, prompt: str, *, system_prompt: str = "",
                   enable_thinking: bool | None = None, chat_template: str | None = None) -> str:
     """The chat text of one prompt, ending with the assistant generation prompt. `chat_template`
     (a Jinja string) overrides the tokenizer's own, e.g. to render with the other model's."""
-    from opdjax.data.tokenizer import render_chat
 
     messages = _messages(prompt, system_prompt)
     if chat_template is None:

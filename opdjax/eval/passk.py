@@ -16,6 +16,8 @@ import os
 from typing import Iterable, Mapping
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 def pass_at_k(n, c, k: int):
@@ -84,9 +86,6 @@ def default_ks(n: int) -> list[int]:
 def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], out_png: str | os.PathLike,
                    title: str = "pass@k") -> str:
     """One figure with a pass@k curve per model (k on a log2 axis); returns the PNG path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not curves:
         raise ValueError("plot_pass_at_k: no curves to plot")
     fig = Figure(figsize=(6.0, 4.0), dpi=120)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
+from opdjax.errors import ConfigError
 from opdjax.models.config import ATTENTION_KERNELS, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ DESCRIPTIONS = {
 }
 
 
-class AttentionConfigError(ValueError):
+class AttentionConfigError(ConfigError):
     """model.attention names something this backend or model cannot run; says what to set."""
 
 

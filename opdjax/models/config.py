@@ -12,14 +12,11 @@ import json
 import os
 from typing import Any
 
+from opdjax.errors import ConfigError  # the one config error; importable from here too
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 ATTENTION_KERNELS = ("xla", "splash", "cudnn")
-
-
-class ConfigError(ValueError):
-    """A checkpoint or model config we cannot run; the message names the field and the fix."""
-
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:

@@ -14,18 +14,22 @@ llama-arch files store q/k permuted for llama.cpp's RoPE and are refused rather 
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any
 
 import gguf
 import numpy as np
+from transformers import AutoTokenizer
 
+from opdjax.errors import CheckpointError, ConfigError
 from opdjax.models import hf_io
-from opdjax.models.config import ConfigError, ModelConfig
+from opdjax.models.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3")
 
@@ -101,7 +105,7 @@ class GGUFSource:
         for t in self.reader.tensors:
             name = hf_tensor_name(t.name)
             if name is None:
-                raise hf_io.CheckpointError(
+                raise CheckpointError(
                     f"{self.description}: GGUF tensor {t.name!r} has no counterpart in a {arch} model "
                     f"(known: {', '.join(GLOBAL_NAMES)} and blk.N.{{{','.join(LAYER_NAMES)}}}.weight/bias)."
                 )
@@ -219,8 +223,6 @@ def load_gguf(path, plan=None, dtype=None):
 
 def load_gguf_tokenizer(path):
     """The tokenizer a GGUF describes, built by transformers' own GGUF conversion (offline)."""
-    from transformers import AutoTokenizer
-
     reader, path = _open(path)
     # transformers prefers a tokenizer.json lying next to the GGUF over the GGUF's own vocabulary,
     # silently; so it gets a directory holding nothing but (a link to) the file.
@@ -249,9 +251,6 @@ def convert_gguf_to_hf(gguf_path, out_dir, dtype: str = "bfloat16", log=lambda m
 
 
 def main(argv=None) -> None:
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(description="Convert a qwen2/qwen3 GGUF file to a Hugging Face checkpoint.")
     parser.add_argument("input", help="model .gguf file")
     parser.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer)")

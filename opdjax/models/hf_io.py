@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from opdjax import multihost
+from opdjax.errors import CheckpointError  # the one checkpoint error; importable from here too
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
 from opdjax.models.safetensors_io import LazyTensor, SafetensorsCheckpoint, save_safetensors
@@ -34,11 +35,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config; the message names the tensor and file."""
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:

@@ -18,10 +18,11 @@ flattened row-major:
 `IN_DIMS` holds the number of leading "in" dims per target; every shape here is derived from
 `qwen.param_shapes`, the one place the layout is defined.
 
-Running: `qwen.apply(params, tokens, cfg, lora=(adapter, spec.scale))` merges each layer's delta
-inside the layer scan (one layer's delta in memory at a time; the base params are untouched and
-the gradient reaches a and b). `lora=None` is the base model itself: the frozen reference of
-DAIL is the same params with the adapter switched off, no second copy.
+Running: `qwen.apply(params, tokens, cfg, layer_transform=layer_transform(adapter, spec.scale))`
+merges each layer's delta inside the layer scan (one layer's delta in memory at a time; the base
+params are untouched and the gradient reaches a and b). Without it `qwen.apply` is the base model
+itself: the frozen reference of DAIL is the same params with the adapter switched off, no second
+copy.
 
 PEFT correspondence (peft's LoRA on transformers' nn.Linear, weight [out, in], y = x W^T):
     lora_A.weight [r, in],  lora_B.weight [out, r],  y += scaling * x A^T B^T,  scaling = alpha / r
@@ -46,10 +47,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from opdjax import multihost
-from opdjax.models import qwen
-from opdjax.models.config import ConfigError, ModelConfig
+from opdjax.errors import ConfigError
+from opdjax.models import hf_io, qwen
+from opdjax.models.config import ModelConfig
 from opdjax.sharding import ShardingPlan
 
 Adapter = dict[str, dict[str, Any]]
@@ -216,11 +219,27 @@ def merge_layer(lp: dict, layer_adapter: Adapter, scale, plan: ShardingPlan | No
     """One layer's params (no layer dim) with each adapted weight W -> W + scale * a @ b.
 
     The delta is accumulated in float32 and added to W in float32, rounded once to W's dtype.
-    Used by `qwen.apply` inside its layer scan and by `merge`, so both give the same weights."""
+    Used inside `qwen.apply`'s layer scan (`layer_transform`) and by `merge`, so both give the
+    same weights."""
     lp = dict(lp)
     for t, ab in layer_adapter.items():
         lp[t] = _merged_weight(t, lp[t], ab["a"], ab["b"], scale, plan)
     return lp
+
+
+@dataclasses.dataclass(frozen=True)
+class _MergeAdapter:
+    # A hashable hook (equal for equal plans): a jit argument carrying it compiles once.
+    plan: ShardingPlan | None
+
+    def __call__(self, lp: dict, layer_adapter: Adapter, scale) -> dict:
+        return merge_layer(lp, layer_adapter, scale, self.plan)
+
+
+def layer_transform(adapter: Adapter, scale, plan: ShardingPlan | None = None) -> qwen.LayerTransform:
+    """The `qwen.apply(..., layer_transform=)` that runs the model with the adapter on: layer l's
+    weights become W_l + scale * a_l @ b_l, merged inside the layer scan (see `merge_layer`)."""
+    return qwen.LayerTransform(_MergeAdapter(plan), adapter, scale)
 
 
 def _merged_weight(t: str, w, a, b, scale, plan: ShardingPlan | None):
@@ -259,7 +278,6 @@ def export_merged(params: qwen.Params, adapter: Adapter, spec: LoraSpec, cfg: Mo
     """Merge and write a Hugging Face checkpoint (config.json, safetensors, tokenizer files from
     `tokenizer_dir` if given) that transformers and `hf_io.load_pretrained` load as a plain model.
     Under multi-host every process must call it (see hf_io.save_pretrained)."""
-    from opdjax.models import hf_io
     check_adapter(adapter, cfg, spec)
     hf_io.save_pretrained(merge(params, adapter, spec), cfg, out_dir, tokenizer=tokenizer_dir, dtype=dtype,
                           max_shard_bytes=max_shard_bytes)
@@ -323,7 +341,6 @@ def save_adapter(adapter: Adapter, spec: LoraSpec, path: str, *, base_model_name
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
     small and shippable without the base; `peft.PeftModel.from_pretrained(base, path)` and
     `load_adapter` read it. Under multi-host every process must call it; process 0 writes."""
-    from safetensors.numpy import save_file
     if set(adapter) != set(spec.targets):
         raise ValueError(f"adapter targets {sorted(adapter)} differ from the spec's {list(spec.targets)}.")
     tensors = to_peft_tensors(adapter)  # gathers (collective under multi-host)
@@ -350,7 +367,6 @@ def save_adapter(adapter: Adapter, spec: LoraSpec, path: str, *, base_model_name
 def load_adapter(path: str, cfg: ModelConfig | None = None, dtype=None) -> tuple[Adapter, LoraSpec]:
     """(adapter, spec) from a PEFT LoRA directory (ours or peft's `save_pretrained`); leaves are
     jax arrays in the file's dtype (or `dtype`). With `cfg`, shapes are checked against it."""
-    from safetensors.numpy import load_file
     cfg_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for p in (cfg_path, weights_path):
         if not os.path.isfile(p):

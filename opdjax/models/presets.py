@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from opdjax.models.config import ConfigError, ModelConfig
+from opdjax.errors import ConfigError
+from opdjax.models.config import ModelConfig
 
 
 def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> dict[str, Any]:

@@ -15,8 +15,9 @@ RMSNorm statistics, RoPE tables, attention softmax and the logits are float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,8 +229,7 @@ def positions_from_mask(mask: jax.Array, start: jax.Array | None = None) -> jax.
 # ---------------------------------------------------------------------------------------- layers
 def _mm(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum accumulated in float32, rounded once to the operands' dtype (as transformers' bf16
-    GEMMs do). A no-op for float32; for bfloat16 on CPU it is also what lets XLA use AMX: a
-    bf16 x bf16 -> bf16 dot runs ~6x slower than bf16 x bf16 -> f32 on Sapphire Rapids."""
+    GEMMs do, and as TPU/GPU matrix units accumulate). A no-op for float32."""
     out = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
     return out.astype(jnp.result_type(a.dtype, b.dtype))
 
@@ -307,8 +307,7 @@ def _attend(q, keys, values, key_valid, q_slots, cfg: ModelConfig, plan):
     # Grouped-query attention without repeating K/V: query head h = kv_head * G + g, computed as
     # [B, K, G, T, hd] x [B, K, S, hd] (batch dims leading). The mask is an additive float32 bias
     # (0 or finfo.min, a finite floor: fully masked rows of padding queries stay finite), not a
-    # select: with it XLA:CPU fuses scores, mask, softmax and the PV product into one library
-    # (YNNPACK) call instead of several passes over the [.., T, S] float32 scores.
+    # select, so XLA can fuse scores, mask, softmax and the PV product (README, "Performance").
     qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
     kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
     visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slots[None, :, None])  # [B,T,S]
@@ -339,11 +338,25 @@ def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg,
 
 
 # ---------------------------------------------------------------------------------------- model
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("stacked", "shared"), meta_fields=("fn",))
+@dataclasses.dataclass(frozen=True)
+class LayerTransform:
+    """A rewrite of each layer's params inside `apply`'s layer scan: layer l runs with
+    fn(layer_params_l, stacked_l, shared) instead of layer_params_l.
+
+    stacked: a pytree of [L, ...] arrays, scanned with the layers (fn sees layer l's slice);
+    shared: a pytree given whole to every layer. A pytree itself, so it can be a jit argument;
+    fn is static (hashable: part of the compilation key). LoRA: opdjax.models.lora.layer_transform."""
+    fn: Callable[[Params, Any, Any], Params]
+    stacked: Any
+    shared: Any = None
+
+
 def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
           positions: jax.Array | None = None, cache: KVCache | None = None,
           plan: ShardingPlan | None = None,
           attn_chunk: int | None = ATTN_CHUNK, remat: bool = False,
-          lora=None) -> tuple[jax.Array, KVCache | None]:
+          layer_transform: LayerTransform | None = None) -> tuple[jax.Array, KVCache | None]:
     """Final normed hidden states [B, T, D] for T new tokens, and the updated cache.
 
     tokens: [B, T] int; mask: [B, T] bool (False = padding), default all True;
@@ -352,9 +365,9 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     it (None: all T queries at once). Same result either way; bounds the float32 scores.
     remat: static bool, recompute each layer in the backward pass instead of keeping its
     intermediates (training: activation memory is one [B, T, D] per layer plus one layer's).
-    lora: None, or (adapter, scale) from opdjax.models.lora: each layer runs with its adapted
-    weights W + scale * a @ b, merged inside the scan one layer at a time (the base params are
-    not modified; gradients reach the adapter). None is exactly the plain model.
+    layer_transform: None, or a LayerTransform applied to each layer's params inside the scan,
+    one layer at a time (the params are not modified; gradients reach its arrays). None is
+    exactly the plain model.
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -374,12 +387,11 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     x = jnp.take(params["embed"], tokens, axis=0)
     x = constrain(plan, x, ("batch", "length", "act_embed"))
 
-    adapter, lora_scale = (None, None) if lora is None else lora
+    stacked = None if layer_transform is None else layer_transform.stacked
 
-    def layer(x, lp, layer_adapter, layer_cache):
-        if layer_adapter is not None:
-            from opdjax.models.lora import merge_layer  # lora imports this module
-            lp = merge_layer(lp, layer_adapter, lora_scale, plan)
+    def layer(x, lp, layer_stacked, layer_cache):
+        if layer_transform is not None:
+            lp = layer_transform.fn(lp, layer_stacked, layer_transform.shared)
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
                               attn_chunk)
 
@@ -389,7 +401,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
 
         if remat:
             body = jax.checkpoint(body)
-        x, _ = jax.lax.scan(body, x, (params["layers"], adapter))
+        x, _ = jax.lax.scan(body, x, (params["layers"], stacked))
         new_cache = None
     else:
         def body_cached(carry, scanned):  # the cache is carried and updated in place (see _attention)
@@ -398,7 +410,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
             return (x, ks, vs, i + 1), None
 
         (x, ks, vs, _), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
-                                         (params["layers"], adapter))
+                                         (params["layers"], stacked))
         new_cache = KVCache(ks, vs, key_valid, index + T, cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return x, new_cache
@@ -419,10 +431,10 @@ def logits_from_hidden(params: Params, hidden: jax.Array, plan: ShardingPlan | N
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask=None, positions=None,
             cache: KVCache | None = None, plan: ShardingPlan | None = None,
-            attn_chunk: int | None = ATTN_CHUNK, lora=None):
-    """Logits [B, T, V] (float32) and the updated cache (None without one); `lora` as in `apply`."""
+            attn_chunk: int | None = ATTN_CHUNK, layer_transform: LayerTransform | None = None):
+    """Logits [B, T, V] (float32) and the updated cache (None without one); arguments as in `apply`."""
     hidden, cache = apply(params, tokens, cfg, mask=mask, positions=positions, cache=cache, plan=plan,
-                          attn_chunk=attn_chunk, lora=lora)
+                          attn_chunk=attn_chunk, layer_transform=layer_transform)
     return logits_from_hidden(params, hidden, plan), cache
 
 

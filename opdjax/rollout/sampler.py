@@ -1,5 +1,5 @@
-"""The student's sampler: one jitted prefill + a decode loop over a fixed-size KV cache that
-stops as soon as every row has emitted a stop token (the outputs keep their fixed [B, N] shape).
+"""The student's sampler: the decode loop of `rollout.decode` (one jitted prefill + a loop over a
+fixed-size KV cache that stops once every row has emitted a stop token), choosing by sampling.
 
 For every generated position it records what the rest of the step needs, so nothing is
 recomputed later:
@@ -22,9 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
-from opdjax.rollout.greedy import last_real_index
+from opdjax.rollout.decode import decode
 from opdjax.sharding import ShardingPlan
 
 
@@ -120,40 +119,14 @@ def sample(params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, cf
     Row b at step i uses the random key fold_in(key, i): the draw depends on the key, the step
     and the logits only (threefry is partitionable), not on how the batch is sharded.
     """
-    B, P = prompt.shape
-    N = settings.max_new_tokens
-    cache = qwen.init_cache(cfg, B, P + N, settings.cache_dtype or jax.tree.leaves(params)[0].dtype)
-    hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache, plan=plan)
-    last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
-    first = _choose(qwen.logits_from_hidden(params, last), jax.random.fold_in(key, 0), settings)
-    stop = jnp.asarray(settings.stop_ids, jnp.int32)
+    def choose(i, logits, state):
+        token, *records = _choose(logits[0], jax.random.fold_in(key, i), settings)
+        return token, tuple(records), state
 
-    K = settings.candidates
-    # Output buffers, filled column by column; a column never reached keeps the padding values.
-    bufs = (jnp.full((N, B), pad_id, jnp.int32), jnp.zeros((N, B), bool), jnp.zeros((N, B), jnp.float32),
-            jnp.zeros((N, B), jnp.float32), jnp.zeros((N, B, K), jnp.int32),
-            jnp.full((N, B, K), -jnp.inf, jnp.float32), jnp.full((N, B, K), -jnp.inf, jnp.float32))
-
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < N) & ~jnp.all(done)  # stop early once every row has emitted a stop token
-
-    def body(carry):
-        i, cache, chosen, done, bufs = carry
-        token = chosen[0]
-        real = ~done
-        emitted = jnp.where(real, token, pad_id)
-        done = done | jnp.isin(token, stop)
-        fill = lambda a, pad: jnp.where(real.reshape(real.shape + (1,) * (a.ndim - 1)), a, pad)
-        record = (emitted, real, fill(chosen[1], 0.0), fill(chosen[2], 0.0), chosen[3],
-                  fill(chosen[4], -jnp.inf), fill(chosen[5], -jnp.inf))
-        bufs = tuple(jax.lax.dynamic_update_index_in_dim(b, r.astype(b.dtype), i, axis=0)
-                     for b, r in zip(bufs, record))
-        logits, cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=cache, plan=plan)
-        nxt = _choose(logits[:, 0], jax.random.fold_in(key, i + 1), settings)
-        return i + 1, cache, nxt, done, bufs
-
-    carry = (jnp.zeros((), jnp.int32), cache, first, jnp.zeros((B,), bool), bufs)
-    *_, bufs = jax.lax.while_loop(cond, body, carry)
-    tokens, real, lp_s, lp_m, cand, cand_s, cand_m = (b.swapaxes(0, 1) for b in bufs)
-    return Rollout(tokens, real, lp_s, lp_m, cand, cand_s, cand_m)
+    # Recorded per step: logp sampled / model (0 after the stop), candidate ids (as chosen), and
+    # the candidates' log-probs (-inf after the stop).
+    tokens, mask, records = decode(params, [(prompt, prompt_mask)], cfg, choose, (),
+                                   max_new_tokens=settings.max_new_tokens, stop_ids=settings.stop_ids,
+                                   record_pads=(0.0, 0.0, None, -jnp.inf, -jnp.inf), pad_id=pad_id, plan=plan,
+                                   cache_dtype=settings.cache_dtype)
+    return Rollout(tokens, mask, *records)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from opdjax import multihost
-from opdjax.teachability import changepoint, margins, release
+from opdjax.teachability import changepoint, margins, pictures, weights
 from opdjax.teachability.segments import Segments, segment_batch
 
 MODES = ("bic", "full", "prefix_fraction", "random_matched")
@@ -100,7 +100,7 @@ def settings_from_config(c: ml_collections.ConfigDict) -> ReleaseSettings:
     if full.calibration not in CALIBRATIONS:
         raise ValueError(f"release.calibration={full.calibration!r}: choose one of {', '.join(CALIBRATIONS)}.")
     changepoint.check_permutation_config(alpha=full.alpha, num_permutations=full.permutations)
-    release.validate_fade(full.fade, full.fade_tokens, full.half_life)
+    weights.validate_fade(full.fade, full.fade_tokens, full.half_life)
     if not 0.0 <= full.prefix_fraction <= 1.0:
         raise ValueError(f"release.prefix_fraction={full.prefix_fraction!r} must lie in [0, 1].")
     return ReleaseSettings(**{f.name: full[f.name] for f in dataclasses.fields(ReleaseSettings)})
@@ -197,21 +197,21 @@ def _decide(s: ReleaseSettings, width: int, margin, margin_defined, advantage, s
     M, valid, _ = changepoint.sentence_scores(g, sent_ids, width, s.sentence_reduce)
     key_random, key_shuffle = jax.random.split(key)
     cp, chance, extra = detect(s, M, valid, key_shuffle)
-    rule_r = release.release_index(cp.release_sentence, cp.detected, sent_ids, response_mask)
-    rule_w = release.release_weights(rule_r, response_mask, s.fade, s.fade_tokens, s.half_life)
+    rule_r = weights.release_index(cp.release_sentence, cp.detected, sent_ids, response_mask)
+    rule_w = weights.release_weights(rule_r, response_mask, s.fade, s.fade_tokens, s.half_life)
     kept_ratio = jnp.sum(rule_w) / jnp.maximum(jnp.sum(response_mask), 1)
-    lengths = release.response_lengths(response_mask)
+    lengths = weights.response_lengths(response_mask)
     if s.mode == "bic":
         r = rule_r
     elif s.mode == "full":
         r = lengths
     elif s.mode == "prefix_fraction":
-        r = release.prefix_fraction_index(response_mask, s.prefix_fraction)
+        r = weights.prefix_fraction_index(response_mask, s.prefix_fraction)
     else:  # random_matched
-        r = release.random_release_index(key_random, response_mask, kept_ratio)
-    w = rule_w if s.mode == "bic" else release.release_weights(r, response_mask, s.fade, s.fade_tokens,
+        r = weights.random_release_index(key_random, response_mask, kept_ratio)
+    w = rule_w if s.mode == "bic" else weights.release_weights(r, response_mask, s.fade, s.fade_tokens,
                                                                s.half_life)
-    stats = release.release_stats(r, response_mask, w, jnp.nan_to_num(g), advantage)
+    stats = weights.release_stats(r, response_mask, w, jnp.nan_to_num(g), advantage)
     stats["rule_release_rate"] = jnp.mean(cp.detected.astype(jnp.float32))
     stats["rule_kept_share"] = kept_ratio
     stats["upward_shift_rate"] = jnp.mean(cp.upward_detected.astype(jnp.float32))
@@ -283,8 +283,6 @@ def write_pictures(rows: PictureRows | ReleaseDecision, out_dir, step: int, *, t
     """PNG + HTML + Markdown of a few trajectories of this batch (the trainer calls this every N
     steps, on process 0, with `local_picture_rows`; a decision and its response arrays work on one
     process); returns the written paths."""
-    from opdjax.teachability import pictures
-
     if isinstance(rows, ReleaseDecision):
         rows = local_picture_rows(rows, response_ids, response_mask)
     return pictures.write_release_report(

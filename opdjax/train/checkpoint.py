@@ -119,8 +119,7 @@ SHARED_DIR_WAIT_S = 2.0
 _DAMAGED_RE = re.compile(r"^\d+" + re.escape(DAMAGED_SUFFIX) + r"(\.\d+)?$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or request we cannot use; the message says why and what to do."""
+from opdjax.errors import CheckpointError  # noqa: E402 (the one checkpoint error, shared with hf_io)
 
 
 class NotACheckpointDirError(CheckpointError):

@@ -19,6 +19,7 @@ import ml_collections
 
 from opdjax import multihost
 from opdjax.train import opd, report
+from opdjax.teachability.rule import MODES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ def run(config) -> dict:
     arms = tuple(config.compare.arms)
     if not arms:
         raise ValueError("config.compare.arms is empty; name at least one release.mode, e.g. ('bic', 'full').")
-    from opdjax.teachability.rule import MODES
     bad = [a for a in arms if a not in MODES]
     if bad or len(set(arms)) != len(arms):
         raise ValueError(f"config.compare.arms={arms}: each arm is a distinct release.mode, one of {', '.join(MODES)}.")

@@ -27,33 +27,16 @@ import jax
 import numpy as np
 
 from opdjax import multihost, sharding
-from opdjax.teachability import diagnosis, diagnosis_report, margins
+from opdjax.teachability import collapse_stats, collapse_report
 from opdjax.train import metrics as metrics_lib
-from opdjax.train.opd import (EncodedPrompts, encode_problems, load_params, problems_for, rollout_and_score,
-                             sampling_settings)
-from opdjax.train.validate import ConfigError, load_tokenizer_for, validate_config
+from opdjax.models.load import load_section
+from opdjax.train.opd import (EncodedPrompts, Phases, encode_problems, problems_for,
+                             rollout_and_score, sampling_settings)
+from opdjax.errors import ConfigError
+from opdjax.train.validate import check_diagnose_section, load_tokenizer_for, validate_config
+from opdjax.data.grading import grade
 
 log = logging.getLogger(__name__)
-
-
-def check_diagnose_section(d) -> None:
-    """Names the `diagnose.*` field and the fix; before any model is loaded."""
-    if not (isinstance(d.num_prompts, int) and d.num_prompts >= 0):
-        raise ConfigError(f"config.diagnose.num_prompts={d.num_prompts!r} must be an integer >= 0 (0 = all).")
-    variants = tuple(d.variants)
-    if not variants:
-        raise ConfigError("config.diagnose.variants is empty; name at least one of "
-                          f"{', '.join(margins.MARGIN_VARIANTS)}.")
-    for v in variants:
-        if v not in margins.MARGIN_VARIANTS:
-            raise ConfigError(f"config.diagnose.variants contains {v!r}; choose among "
-                              f"{', '.join(margins.MARGIN_VARIANTS)}.")
-    if len(set(variants)) != len(variants):
-        raise ConfigError(f"config.diagnose.variants={variants!r} names a variant twice.")
-    if not 0 < d.significance < 1:
-        raise ConfigError(f"config.diagnose.significance={d.significance!r} must lie in (0, 1).")
-    if not (isinstance(d.examples, int) and d.examples >= 0):
-        raise ConfigError(f"config.diagnose.examples={d.examples!r} must be an integer >= 0.")
 
 
 def _encode(config, tokenizer, template):
@@ -78,16 +61,17 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
     problems, encoded, prompt_len = _encode(config, student_tok, template)
     settings = checked.release
     sampling = sampling_settings(config, settings, student_tok, checked.student_cfg)
+    phases = Phases(config, settings, sampling, checked.student_cfg, checked.teacher_cfg, student_tok, prompt_len, plan)
     timings = {"load_s": 0.0, "sample_s": 0.0, "score_s": 0.0, "segment_s": 0.0, "grade_s": 0.0}
     t = time.perf_counter()
-    student = load_params(config.student, checked.student_cfg, plan)
-    teacher = load_params(config.teacher, checked.teacher_cfg, plan)
+    student = load_section(config.student, plan)[0]
+    teacher = load_section(config.teacher, plan)[0]
     timings["load_s"] = time.perf_counter() - t
 
     n_samples, per_call = config.rollout.samples_per_prompt, config.batch.prompts_per_step
     calls = -(-len(encoded) // per_call)
     root = jax.random.key(config.seed)
-    parts: dict[str, list] = {k: [] for k in diagnosis.ARRAY_FIELDS}
+    parts: dict[str, list] = {k: [] for k in collapse_stats.ARRAY_FIELDS}
     parts.update(prompt_index=[], texts=[])
     bar = metrics_lib.Progress(calls, 0, enabled=progress and config.metrics.progress)
     for call in range(calls):
@@ -95,9 +79,10 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
         # A short last call repeats its last prompt to keep the compiled shape; those rows are dropped.
         padded = idx + [idx[-1]] * (per_call - len(idx))
         rows = [i for i in padded for _ in range(n_samples)]
-        roll, scores, segs, _, (old_logp, old_cand), tm = rollout_and_score(
-            config, settings, sampling, student, teacher, checked.student_cfg, checked.teacher_cfg, student_tok,
-            encoded, rows, prompt_len, jax.random.fold_in(root, call), plan, overlap_segments=False)
+        sc = rollout_and_score(phases, student, teacher, encoded, rows, jax.random.fold_in(root, call),
+                               overlap_segments=False)
+        roll, scores, segs, tm = sc.rollout, sc.scores, sc.segments, sc.timings
+        old_logp, old_cand = sc.old_logp, sc.old_cand_logp
         for k in ("sample_s", "score_s", "segment_s"):
             timings[k] += tm[k]
         keep = len(idx) * n_samples
@@ -116,12 +101,11 @@ def collect(config, checked, student_tok, template, plan, *, progress: bool = Tr
         parts["texts"] += [by_row[r][1] for r in range(keep)]
         bar.update(call + 1, tokens=int(host["response_mask"][:keep].sum()))
     bar.close()
-    arrays = {k: np.concatenate(parts[k]) for k in diagnosis.ARRAY_FIELDS}
+    arrays = {k: np.concatenate(parts[k]) for k in collapse_stats.ARRAY_FIELDS}
     arrays["prompt_index"] = np.asarray(parts["prompt_index"], np.int32)
     t = time.perf_counter()
     golds = [problems[i].answer for i in arrays["prompt_index"]]
     if any(g not in (None, "") for g in golds):
-        from opdjax.data.grading import grade
         arrays["correct"] = np.array(multihost.map_split(
             lambda tg: -1 if tg[1] in (None, "") else int(grade(*tg)), list(zip(parts["texts"], golds)), "grading"),
             np.int8)
@@ -137,7 +121,7 @@ def load_arrays(path, tokenizer):
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     try:
-        diagnosis.check_arrays(arrays)
+        collapse_stats.check_arrays(arrays)
     except ValueError as e:
         raise ConfigError(f"config.diagnose.arrays={path!r}: {e}") from e
     ids, mask = arrays["response_ids"], arrays["response_mask"].astype(bool)
@@ -158,7 +142,7 @@ def diagnose(config) -> dict:
     template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
         config.tokenizer.chat_template]
     out_dir = config.diagnose.directory or os.path.join(config.workdir, "diagnosis")
-    plan = sharding.ShardingPlan(sharding.make_mesh(tuple(config.mesh.shape)))
+    plan = sharding.plan_from_config(config.mesh)
 
     if config.diagnose.arrays:
         arrays, texts, num_prompts, timings = load_arrays(config.diagnose.arrays, student_tok)
@@ -185,10 +169,10 @@ def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, 
     log.info("%d rollouts, %d response tokens; sampling %.1f s, scoring %.1f s", len(texts),
              int(arrays["response_mask"].sum()), timings["sample_s"], timings["score_s"])
 
-    diag = diagnosis.DiagnoseSettings(tuple(config.diagnose.variants), float(config.diagnose.significance),
+    diag = collapse_stats.DiagnoseSettings(tuple(config.diagnose.variants), float(config.diagnose.significance),
                                       int(config.seed))
     t = time.perf_counter()
-    results, per_variant = diagnosis.diagnose(arrays, checked.release, diag)
+    results, per_variant = collapse_stats.diagnose(arrays, checked.release, diag)
     timings["analysis_s"] = time.perf_counter() - t
     np.savez_compressed(os.path.join(out_dir, "per_rollout.npz"),
                         **{f"{v}/{k}": np.asarray(a) for v, per in per_variant.items() for k, a in per.items()})
@@ -203,7 +187,7 @@ def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, 
                                    correct=int((arrays["correct"] == 1).sum()),
                                    incorrect=int((arrays["correct"] == 0).sum()))
     t = time.perf_counter()
-    diagnosis_report.draw(out_dir, results, per_variant, arrays, tokenizer=student_tok,
+    collapse_report.draw(out_dir, results, per_variant, arrays, tokenizer=student_tok,
                           examples=config.diagnose.examples)
     timings["report_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -214,7 +198,7 @@ def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, 
     results["timings"] = timings
     with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:
         json.dump(_jsonable(results), f, indent=2)
-    diagnosis_report.write_markdown(out_dir, results, title=_title(config))
+    collapse_report.write_markdown(out_dir, results, title=_title(config))
     log.info("report: %s", os.path.join(out_dir, "report.md"))
     return results
 

@@ -73,7 +73,9 @@ from jax.sharding import AbstractMesh
 
 from opdjax import sharding
 from opdjax.models import qwen
-from opdjax.models.config import ConfigError, ModelConfig
+from opdjax.errors import ConfigError, DoesNotFitError
+from opdjax.models.config import ModelConfig
+from opdjax import losses
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -101,10 +103,6 @@ LOSSES_WITH_TEACHER_LOGITS = ("reverse_kl_full", "forward_kl_full", "jsd")  # fa
 PHASES = ("resident", "rollout", "teacher scoring", "train step")
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class DoesNotFitError(ConfigError, MemoryError):
-    """The config's estimated peak memory per chip exceeds the chip's HBM."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +177,10 @@ _SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "bool": "bool"
 class _Shard:
     """Per-chip sizes under the project's sharding rules on an abstract (device-less) mesh."""
 
-    def __init__(self, mesh_shape: Sequence[int]):
+    def __init__(self, mesh_shape: Sequence[int], rules=()):
         self.mesh_shape = tuple(mesh_shape)
-        self.plan = sharding.ShardingPlan(AbstractMesh(self.mesh_shape, sharding.MESH_AXES))
+        self.plan = sharding.ShardingPlan(AbstractMesh(self.mesh_shape, sharding.MESH_AXES),
+                                          sharding.rules_from_config(rules))
         self.sizes = dict(zip(sharding.MESH_AXES, self.mesh_shape))
 
     def divisor(self, shape, names) -> int:
@@ -280,7 +279,7 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
     if chip not in CHIPS:
         raise ConfigError(f"chip={chip!r} is unknown; known: {', '.join(CHIPS)}.")
     mesh_shape = sharding.mesh_shape_from_config(config.mesh.shape, num_devices)
-    sh = _Shard(mesh_shape)
+    sh = _Shard(mesh_shape, config.mesh.get("sharding_rules", ()))
 
     s_dtype = _dtype(config.student.dtype, student_cfg)
     t_dtype = _dtype(config.teacher.dtype, teacher_cfg)
@@ -386,7 +385,6 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
 def _needs_teacher_logits(loss_name: str) -> bool:
     """The loss registry's declaration (opdjax.losses.LOSSES); the fixed list if it is unavailable."""
     try:
-        from opdjax import losses
         spec = losses.LOSSES.get(loss_name)
         if spec is not None:
             return bool(spec.needs_teacher_logits)

@@ -1,4 +1,4 @@
-"""The OPD loop: prompts -> student rollouts -> teacher scoring -> release rule -> update.
+"""The OPD job: prompts -> student rollouts -> teacher scoring -> release rule -> update.
 
     python launch/tpu_run.py --config configs/opd_demo.py          # the embedded toy pair
 
@@ -9,7 +9,8 @@ One step, as the data flows (ARCHITECTURE.md):
   3. release   margins -> sentences (NLTK Punkt, host) -> BIC scan -> release weights w [B, R];
                baselines (full / prefix_fraction / random_matched) only change w
   4. update    the jitted, donated train step: masked loss, optax AdamW
-then metrics, pictures, evaluation and orbax checkpoints on their schedules.
+OPDJob supplies steps 1-4 and the evaluation; the trainer skeleton (opdjax.train.loop) runs the
+schedule around them: restore-or-init, metrics, evaluation, checkpoints, preemption, export.
 
 Randomness: step s uses fold_in(key(seed), s) for its rollouts and release baselines, so a run
 resumed from the checkpoint at step s draws exactly what an uninterrupted run would have drawn,
@@ -20,10 +21,10 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +37,17 @@ from opdjax.data.pipeline import DataPipeline
 from opdjax.data import builders
 from opdjax.data.sources import TFDS_PREFIX, open_source
 from opdjax.eval.harness import evaluate
-from opdjax.models import hf_io, qwen
-from opdjax.rollout.sampler import SamplingSettings, sample
+from opdjax.models import qwen
+from opdjax.models.load import load_section
+from opdjax.models.config import ModelConfig
+from opdjax.rollout import stops
+from opdjax.rollout.sampler import Rollout, SamplingSettings, sample
 from opdjax.teachability import rule
-from opdjax.teachability.scoring import teacher_logprobs
-from opdjax.train import checkpoint as ckpt_lib
+from opdjax.teachability.scoring import TeacherScores, teacher_logprobs
 from opdjax.train import metrics as metrics_lib
-from opdjax.train.step import (StepSettings, TrainBatch, init_state, jit_train_step, learning_rate_schedule,
-                               make_optimizer, state_shardings)
+from opdjax.train import loop
+from opdjax.train.loop import init_state, learning_rate_schedule, make_optimizer
+from opdjax.train.step import StepSettings, TrainBatch, jit_train_step, state_shardings
 from opdjax.train.validate import load_tokenizer_for, validate_config
 
 log = logging.getLogger(__name__)
@@ -101,27 +105,19 @@ def _dtype(name):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def load_params(section, cfg, plan):
-    if section.gguf:
-        from opdjax.models import gguf_io
-        params, _ = gguf_io.load_gguf(section.gguf, plan=plan, dtype=section.dtype)
-        return params
-    params, _ = hf_io.load_pretrained(section.path, plan=plan, dtype=section.dtype)
-    return params
-
-
 def data_sources(config) -> tuple[tuple[str, str], tuple[str, str]]:
     """((spec, split) of the training problems, (spec, split) of the eval problems; spec "" = none).
     data.task=toy_arithmetic reads the shipped TFDS dataset of the embedded task (prepared in
     data.data_dir on first use): its first num_train / num_eval problems."""
     d = config.data
     if d.task == "toy_arithmetic":
-        for field, n, cap in (("num_train", d.num_train, builders.TOY_TRAIN), ("num_eval", d.num_eval, builders.TOY_EVAL)):
-            if not 1 <= int(n) <= cap:
-                raise prompt_data.PromptDataError(f"data.{field}={n}: the shipped toy_arithmetic dataset holds 1..{cap} "
-                                                  "problems of that split.")
+        for field, n, low, cap in (("num_train", d.num_train, 1, builders.TOY_TRAIN),
+                                   ("num_eval", d.num_eval, 0, builders.TOY_EVAL)):
+            if not low <= int(n) <= cap:
+                raise prompt_data.PromptDataError(f"data.{field}={n}: the shipped toy_arithmetic dataset holds "
+                                                  f"{low}..{cap} problems of that split (num_eval=0: no evaluation).")
         name = f"{TFDS_PREFIX}opdjax_toy_arithmetic/seed{int(config.seed)}"
-        return (name, f"train[:{int(d.num_train)}]"), (name, f"eval[:{int(d.num_eval)}]")
+        return (name, f"train[:{int(d.num_train)}]"), ((name, f"eval[:{int(d.num_eval)}]") if d.num_eval else ("", ""))
     return (d.train_file, d.train_split), (d.eval_file, d.eval_split)
 
 
@@ -188,22 +184,46 @@ def train_pipeline(config, data: Data, encode, plan) -> DataPipeline:
                         name="training prompts", trace=trace)
 
 
-def stop_ids(config, tokenizer, cfg) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    eos = cfg.eos_token_id
-    ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    ids.update(int(i) for i in config.rollout.stop_tokens)
-    return tuple(sorted(ids))
-
-
 def sampling_settings(config, settings, tokenizer, cfg) -> SamplingSettings:
     """The rollout section as the sampler's settings (records the release rule's top-K)."""
     r = config.rollout
     return SamplingSettings(r.max_new_tokens, float(r.temperature), float(r.top_p), int(r.top_k), settings.top_k,
-                            stop_ids(config, tokenizer, cfg), r.cache_dtype).check(cfg.vocab_size)
+                            stops.stop_ids(tokenizer, (cfg,), r.stop_tokens), r.cache_dtype).check(cfg.vocab_size)
 
 
 # ---------------------------------------------------------------------------------- one step
+@dataclasses.dataclass(frozen=True)
+class Phases:
+    """What sampling, scoring and the release decision need besides the weights and the prompts."""
+    config: Any  # the OPD config (loss, rollout and batch sections)
+    release: rule.ReleaseSettings
+    sampling: SamplingSettings
+    student_cfg: ModelConfig
+    teacher_cfg: ModelConfig
+    tokenizer: Any  # the student's
+    prompt_len: int  # P: every prompt is left-padded to this many columns (one compile)
+    plan: sharding.ShardingPlan
+
+
+class ScoredRollouts(NamedTuple):
+    """Steps 1-2 of one batch, and its sentence split."""
+    rollout: Rollout
+    scores: TeacherScores
+    segments: Any  # rule.segment_rows of this process's rows
+    tokens: jax.Array  # [B, P+R] prompt + response
+    mask: jax.Array  # [B, P+R]
+    old_logp: jax.Array  # [B, R] pi_old of y_t (rollout.old_logp: as sampled, or the model's)
+    old_cand_logp: jax.Array  # [B, R, K] pi_old of the candidates
+    timings: dict  # sample_s, score_s, segment_s
+
+
+class Released(NamedTuple):
+    """Steps 1-3 of one batch: the train step's input and what produced it."""
+    batch: TrainBatch
+    decision: rule.ReleaseDecision
+    scored: ScoredRollouts
+
+
 def prompt_batch(plan, prompts, rows, pad_id: int, prompt_len: int):
     """Global (tokens, mask) [B, P] of the prompts `rows` (indices into `prompts`), left-padded to
     prompt_len; each process encodes and places only the rows its devices hold."""
@@ -214,22 +234,20 @@ def prompt_batch(plan, prompts, rows, pad_id: int, prompt_len: int):
             multihost.from_local_rows(plan, mask, ("batch", "length"), shape))
 
 
-def rollout_and_score(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
-                      tokenizer, prompts, rows, prompt_len, key, plan, *, overlap_segments: bool = True):
-    """Steps 1-2 and the sentence split for one batch: rollouts of the prompts `rows` (indices into
-    `prompts`; the OPD step and the diagnosis share it). Returns (rollout, teacher scores,
-    segments of this process's rows, (tokens, mask) of prompt + response, (pi_old of y_t, pi_old
-    of the candidates), timings).
+def rollout_and_score(ph: Phases, student_params, teacher_params, prompts, rows, key, *,
+                      overlap_segments: bool = True) -> ScoredRollouts:
+    """Steps 1-2 and the sentence split for the prompts `rows` (indices into `prompts`); the OPD
+    step and the diagnosis share it.
 
     overlap_segments: split sentences on the host while the device scores (the trainer). False
     waits for the scores first, so that score_s and segment_s do not contain each other (the
     diagnosis reports them apart)."""
     timings = {}
-    tok_d, pmask_d = prompt_batch(plan, prompts, rows, tokenizer.pad_token_id, prompt_len)
+    tok_d, pmask_d = prompt_batch(ph.plan, prompts, rows, ph.tokenizer.pad_token_id, ph.prompt_len)
 
     t = time.perf_counter()
-    roll = jax.block_until_ready(sample(student_params, tok_d, pmask_d, jax.random.fold_in(key, 0), student_cfg,
-                                        sampling, pad_id=tokenizer.pad_token_id, plan=plan))
+    roll = jax.block_until_ready(sample(student_params, tok_d, pmask_d, jax.random.fold_in(key, 0), ph.student_cfg,
+                                        ph.sampling, pad_id=ph.tokenizer.pad_token_id, plan=ph.plan))
     timings["sample_s"] = time.perf_counter() - t
 
     # Teacher scoring is dispatched asynchronously; the host splits the responses into sentences
@@ -238,44 +256,41 @@ def rollout_and_score(config, settings, sampling, student_params, teacher_params
     t = time.perf_counter()
     full = jnp.concatenate([tok_d, roll.tokens], axis=1)
     fmask = jnp.concatenate([pmask_d, roll.mask], axis=1)
-    scores = teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=teacher_cfg, prompt_len=prompt_len,
-                              chunk_tokens=config.loss.chunk_tokens, plan=plan,
-                              microbatches=config.batch.microbatches)
+    c = ph.config
+    scores = teacher_logprobs(teacher_params, full, fmask, roll.topk_ids, cfg=ph.teacher_cfg, prompt_len=ph.prompt_len,
+                              chunk_tokens=c.loss.chunk_tokens, plan=ph.plan, microbatches=c.batch.microbatches)
     if not overlap_segments:
         jax.block_until_ready(scores)
     t_seg = time.perf_counter()
-    segments = rule.segment_rows(settings, tokenizer, roll.tokens, roll.mask, plan)
+    segments = rule.segment_rows(ph.release, ph.tokenizer, roll.tokens, roll.mask, ph.plan)
     timings["segment_s"] = time.perf_counter() - t_seg  # host, overlapped with scoring
     jax.block_until_ready(scores)
     # scoring wall time; with overlap_segments the segmentation runs inside it
     timings["score_s"] = time.perf_counter() - t - (0.0 if overlap_segments else timings["segment_s"])
-    if config.rollout.old_logp == "sampled":
+    if c.rollout.old_logp == "sampled":
         old = (roll.logp_sampled, roll.topk_logp_sampled)
     else:
         old = (roll.logp_model, roll.topk_logp_model)
-    return roll, scores, segments, (full, fmask), old, timings
+    return ScoredRollouts(roll, scores, segments, full, fmask, *old, timings)
 
 
-def rollout_and_release(config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg,
-                        tokenizer, prompts, rows, prompt_len, key, plan):
-    """Steps 1-3 for one batch (the prompts `rows`): rollouts, teacher scores, release decision.
-    Returns (TrainBatch, decision, rollout, scores, timings)."""
-    roll, scores, segments, (full, fmask), (old_logp, old_cand), timings = rollout_and_score(
-        config, settings, sampling, student_params, teacher_params, student_cfg, teacher_cfg, tokenizer,
-        prompts, rows, prompt_len, key, plan)
+def rollout_and_release(ph: Phases, student_params, teacher_params, prompts, rows, key) -> Released:
+    """Steps 1-3 for the prompts `rows`: rollouts, teacher scores, release decision, the train batch."""
+    sc = rollout_and_score(ph, student_params, teacher_params, prompts, rows, key)
+    roll, scores = sc.rollout, sc.scores
     t = time.perf_counter()
     decision = rule.decide_release(
-        settings, tokenizer=tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
+        ph.release, tokenizer=ph.tokenizer, response_ids=roll.tokens, response_mask=roll.mask,
         teacher_sampled_logp=scores.sampled_logp, teacher_cand_logp=scores.candidate_logp,
-        student_sampled_logp=old_logp, student_cand_logp=old_cand, candidate_ids=roll.topk_ids,
-        key=jax.random.fold_in(key, 1), segments=segments, plan=plan)
-    coeff = losses.token_coefficients(decision.weights, roll.mask, config.loss.normalize)
+        student_sampled_logp=sc.old_logp, student_cand_logp=sc.old_cand_logp, candidate_ids=roll.topk_ids,
+        key=jax.random.fold_in(key, 1), segments=sc.segments, plan=ph.plan)
+    coeff = losses.token_coefficients(decision.weights, roll.mask, ph.config.loss.normalize)
     advantage = jnp.where(roll.mask, decision.advantage, 0.0)
-    batch = TrainBatch(full, fmask, losses.LossInputs(roll.tokens, old_logp, advantage, roll.topk_ids,
-                                                      scores.candidate_logp), coeff)
+    batch = TrainBatch(sc.tokens, sc.mask, losses.LossInputs(roll.tokens, sc.old_logp, advantage, roll.topk_ids,
+                                                             scores.candidate_logp), coeff)
     batch = jax.block_until_ready(batch)
-    timings["release_s"] = time.perf_counter() - t
-    return batch, decision, roll, scores, timings
+    sc.timings["release_s"] = time.perf_counter() - t
+    return Released(batch, decision, sc)
 
 
 @jax.jit
@@ -322,155 +337,148 @@ def step_metrics(rollout_part: dict, step_out, timings, lr) -> dict:
     return m
 
 
-# ---------------------------------------------------------------------------------- the loop
-def run(config) -> dict:
-    """Train; returns a summary dict (also written to workdir/summary.json)."""
-    t_start = time.perf_counter()
-    os.makedirs(config.workdir, exist_ok=True)
-    student_tok = load_tokenizer_for(config.student, "student")
-    teacher_tok = load_tokenizer_for(config.teacher, "teacher")
-    checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
-    student_cfg, teacher_cfg, settings = checked.student_cfg, checked.teacher_cfg, checked.release
-    template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
-        config.tokenizer.chat_template]
-    data = encode_data(config, student_tok, template)
-    mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    plan = sharding.ShardingPlan(mesh)
-    log.info("mesh %s; rollout rows/step %d; prompt columns %d; %d train / %d eval prompts",
-             dict(mesh.shape), checked.rollout_rows, data.prompt_len, len(data.train), len(data.eval_prompts))
+# ---------------------------------------------------------------------------------- the job
+class OPDJob:
+    """OPD's part of the trainer (opdjax.train.loop): the set-up, how a step's batch is made
+    (prompts -> rollouts -> teacher scores -> release) and its loss, and the evaluation."""
 
-    steps = config.train.steps
-    tx = make_optimizer(config.optimizer, steps)
-    lr_at = learning_rate_schedule(config.optimizer, steps)
-    dtype = _dtype(config.student.dtype)
-    st_sh = state_shardings(tx, student_cfg, plan, dtype)
-    abstract_state = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        jax.eval_shape(lambda p: init_state(p, tx), qwen.abstract_params(student_cfg, dtype)), st_sh)
-    root = jax.random.key(config.seed)
-    encode = functools.partial(encode_problems, config, student_tok, template)
-    pipeline = train_pipeline(config, data, encode, plan)
+    def __init__(self, config):
+        self.config = config
+        self.t_start = time.perf_counter()
+        os.makedirs(config.workdir, exist_ok=True)
+        self.tokenizer = student_tok = load_tokenizer_for(config.student, "student")
+        teacher_tok = load_tokenizer_for(config.teacher, "teacher")
+        checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
+        self.student_cfg, self.teacher_cfg = checked.student_cfg, checked.teacher_cfg
+        template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
+            config.tokenizer.chat_template]
+        self.data = data = encode_data(config, student_tok, template)
+        self.plan = plan = sharding.plan_from_config(config.mesh)
+        mesh = plan.mesh
+        log.info("mesh %s; rollout rows/step %d; prompt columns %d; %d train / %d eval prompts",
+                 dict(mesh.shape), checked.rollout_rows, data.prompt_len, len(data.train), len(data.eval_prompts))
+        self.steps = steps = config.train.steps
+        self.tx = tx = make_optimizer(config.optimizer, steps)
+        self.lr_at = learning_rate_schedule(config.optimizer, steps)
+        dtype = _dtype(config.student.dtype)
+        self.state_sh = state_shardings(tx, self.student_cfg, plan, dtype)
+        self.abstract = loop.abstract_state(tx, qwen.abstract_params(self.student_cfg, dtype), self.state_sh)
+        self.root = jax.random.key(config.seed)
+        self.pipeline = train_pipeline(config, data, functools.partial(encode_problems, config, student_tok, template),
+                                       plan)
+        self.phases = Phases(config, checked.release, sampling_settings(config, checked.release, student_tok,
+                                                                        self.student_cfg),
+                             self.student_cfg, self.teacher_cfg, student_tok, data.prompt_len, plan)
+        step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
+                                     microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
+                                     clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
+        self.train_step = jit_train_step(tx, self.student_cfg, self.teacher_cfg, step_settings, plan, dtype)
+        self.eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
+        self.teacher_params = self.writer = None
+        self.record_rows = False  # benchmarks: keep each step's prompt rows and shapes (self.rows_log)
+        self.rows_log = []
 
-    ckpt = ckpt_lib.Checkpointer(config.checkpoint.directory or os.path.join(config.workdir, "checkpoints"),
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-    rng_abstract = jax.ShapeDtypeStruct(jax.random.key_data(root).shape, jnp.uint32, sharding=plan.sharding(()))
-    aot_job.check_at_start(config, plan, "opd")  # TPU: does every phase fit this slice? (before any weight)
-    restored = ckpt.restore_latest({"train": abstract_state, "rng": rng_abstract}, data=pipeline.iterator)
-    if restored is None:
-        params = load_params(config.student, student_cfg, plan)
-        state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
-        del params
-        start = 0
-    else:
-        start, tree, meta = restored
-        state = tree["train"]
-        root = jax.random.wrap_key_data(tree["rng"])
-        pipeline.check_signature(meta.get("data"))
-        if pipeline.next_step != start:  # the iterator's own state, restored by Grain's handler
-            raise ckpt_lib.CheckpointError(f"checkpoint step {start} in {ckpt.directory} holds the data pipeline at "
-                                           f"step {pipeline.next_step}; it is not a checkpoint this trainer wrote.")
-        log.info("resumed from %s at step %d (data pipeline at step %d, epoch %.2f)", ckpt.directory, start,
-                 pipeline.next_step, pipeline.epochs_done(start))
-    teacher_params = load_params(config.teacher, teacher_cfg, plan)
-    # the run's key as a replicated global array: a pod checkpoints only global arrays
-    rng_global = multihost.to_global(plan, multihost.to_host(jax.random.key_data(root)), (None,))
+    def start(self) -> loop.Start:
+        """Restore the latest checkpoint or load the student; then the teacher. Opens the metrics."""
+        config, plan = self.config, self.plan
+        self.ckpt = loop.checkpointer(config)
+        rng_abstract = jax.ShapeDtypeStruct(jax.random.key_data(self.root).shape, jnp.uint32,
+                                            sharding=plan.sharding(()))
+        aot_job.check_at_start(config, plan, "opd")  # TPU: does every phase fit this slice? (before any weight)
 
-    sampling = sampling_settings(config, settings, student_tok, student_cfg)
-    step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
-                                 microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
-                                 clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
-    train_step = jit_train_step(tx, student_cfg, teacher_cfg, step_settings, plan, dtype)
-    # Multi-host: process 0 writes the run's metrics, pictures, evaluation records and summary.
-    writing = multihost.is_writer()
-    writer = metrics_lib.writer_for(config.workdir, tensorboard=config.metrics.tensorboard, resume_step=start)
-    eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
+        def init():
+            params = load_section(config.student, plan)[0]
+            return {"train": jax.jit(lambda p: init_state(p, self.tx), out_shardings=self.state_sh)(params)}
 
-    def run_eval(step, params):
+        start = loop.restore_or_init(self.ckpt, {"train": self.abstract, "rng": rng_abstract}, self.pipeline, init)
+        if "rng" in start.tree:
+            self.root = jax.random.wrap_key_data(start.tree["rng"])
+        self.teacher_params = load_section(config.teacher, plan)[0]
+        # the run's key as a replicated global array: a pod checkpoints only global arrays
+        self.rng_global = multihost.to_global(plan, multihost.to_host(jax.random.key_data(self.root)), (None,))
+        self.writer = metrics_lib.writer_for(config.workdir, tensorboard=config.metrics.tensorboard,
+                                             resume_step=start.step)
+        return start
+
+    def step(self, step: int, state) -> loop.StepResult:
+        config, plan = self.config, self.plan
+        key = jax.random.fold_in(self.root, step)
+        batch_data = next(self.pipeline)  # this step's prompts; this process's rows read and encoded
+        prompts = batch_data.by_index()
+        rows = [int(i) for i in batch_data.indices for _ in range(config.rollout.samples_per_prompt)]
+        rel = rollout_and_release(self.phases, state["params"], self.teacher_params, prompts, rows, key)
+        roll, timings = rel.scored.rollout, rel.scored.timings
+        m = rollout_metrics(rel.decision, roll, rel.scored.scores)  # before the update is queued behind them
+        every = config.metrics.pictures_every
+        pictures = every and (step + 1) % every == 0 and multihost.is_writer()
+        if pictures:  # process 0 draws from the rows its own devices hold
+            pictures = rule.local_picture_rows(rel.decision, roll.tokens, roll.mask, plan)
+        t = time.perf_counter()
+        state, out = self.train_step(state, rel.batch, self.teacher_params)
+        # CPU: one step in flight at a time (simulated-device collectives). TPU/GPU: the host
+        # writes this step's rollout record and pictures while the device updates.
+        multihost.block_on_cpu(out)
+        if pictures:
+            rule.write_pictures(pictures, os.path.join(config.workdir, "pictures"), step + 1, tokenizer=self.tokenizer,
+                                margin_name=self.phases.release.margin,
+                                max_trajectories=config.metrics.pictures_per_step)
+        out = multihost.to_host(out)
+        timings["update_s"] = time.perf_counter() - t
+        m = step_metrics(m, out, timings, self.lr_at(step))
+        if self.record_rows:
+            self.rows_log.append({"prompts": [list(map(int, prompts[j])) for j in rows],
+                                  "response_columns": rel.batch.tokens.shape[1] - self.data.prompt_len,
+                                  "train_columns": rel.batch.tokens.shape[1]})  # static shapes: host ints
+        return loop.StepResult(state, m, m["rollout/tokens"],
+                               {"loss": m["loss/total"], "kept": m.get("release/kept_share", float("nan"))})
+
+    def evaluate(self, step: int, params) -> dict:
+        """Sampled and greedy accuracy on the held-out prompts (config.eval), logged at `step`."""
+        c, data = self.config, self.data
         if not len(data.eval_prompts):
             return {}
-        res = evaluate(params, student_cfg, student_tok, data.eval_prompts, data.eval_answers,
-                       samples=config.eval.samples, ks=tuple(config.eval.k), temperature=float(config.eval.temperature),
-                       greedy=config.eval.greedy, max_new_tokens=config.eval.max_new_tokens, stop_ids=sampling.stop_ids,
-                       key=eval_key, plan=plan, prompt_len=data.prompt_len)
-        writer.write(step, res.metrics)
-        writer.write_text(step, "eval/example", "\n\n".join(f"Q: {i}\nA: {t[0]}" for i, t in zip(
+        res = evaluate(params, self.student_cfg, self.tokenizer, data.eval_prompts, data.eval_answers,
+                       samples=c.eval.samples, ks=tuple(c.eval.k), temperature=float(c.eval.temperature),
+                       greedy=c.eval.greedy, max_new_tokens=c.eval.max_new_tokens,
+                       stop_ids=self.phases.sampling.stop_ids, key=self.eval_key, plan=self.plan,
+                       prompt_len=data.prompt_len)
+        self.writer.write(step, res.metrics)
+        self.writer.write_text(step, "eval/example", "\n\n".join(f"Q: {i}\nA: {t[0]}" for i, t in zip(
             range(2), res.texts)))
         log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in res.metrics.items()})
         return res.metrics
 
-    summary = {"workdir": config.workdir, "release_mode": settings.mode, "loss": config.loss.name,
-               "start_step": start, "steps": steps}
-    if start == 0 and config.eval.num_problems and config.eval.before:
-        summary["eval_before"] = run_eval(0, state["params"])
-    progress = metrics_lib.Progress(steps, start, enabled=config.metrics.progress)
-    per_step = []
-    preempted = False
-    with ckpt_lib.PreemptionGuard() as guard:
-        for step in range(start, steps):
-            key = jax.random.fold_in(root, step)
-            batch_data = next(pipeline)  # this step's prompts; this process's rows read and encoded
-            prompts = batch_data.by_index()
-            rows = [int(i) for i in batch_data.indices for _ in range(config.rollout.samples_per_prompt)]
-            batch, decision, roll, scores, timings = rollout_and_release(
-                config, settings, sampling, state["params"], teacher_params, student_cfg, teacher_cfg,
-                student_tok, prompts, rows, data.prompt_len, key, plan)
-            m = rollout_metrics(decision, roll, scores)  # before the update is queued behind them
-            every = config.metrics.pictures_every
-            pictures = every and (step + 1) % every == 0 and writing
-            if pictures:  # process 0 draws from the rows its own devices hold
-                pictures = rule.local_picture_rows(decision, roll.tokens, roll.mask, plan)
-            t = time.perf_counter()
-            state, out = train_step(state, batch, teacher_params)
-            # CPU: one step in flight at a time (simulated-device collectives). TPU/GPU: the host
-            # writes this step's rollout record and pictures while the device updates.
-            multihost.block_on_cpu(out)
-            if pictures:
-                rule.write_pictures(pictures, os.path.join(config.workdir, "pictures"), step + 1, tokenizer=student_tok,
-                                    margin_name=settings.margin, max_trajectories=config.metrics.pictures_per_step)
-            out = multihost.to_host(out)
-            timings["update_s"] = time.perf_counter() - t
-            m = step_metrics(m, out, timings, lr_at(step))
-            m["data/epoch"] = pipeline.epochs_done(step + 1)
-            writer.write(step + 1, m)
-            per_step.append(m)
-            progress.update(step + 1, tokens=m["rollout/tokens"],
-                            extra={"loss": m["loss/total"], "kept": m.get("release/kept_share", float("nan"))})
-            if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
-                run_eval(step + 1, state["params"])
-            preempted = guard.should_stop(step + 1)
-            if (config.checkpoint.every and (step + 1) % config.checkpoint.every == 0) or step + 1 == steps or preempted:
-                # Metrics up to this step reach the file before the checkpoint can become complete:
-                # a run killed after the save resumes here and must not lose this step's record.
-                writer.flush()
-                ckpt.save(step + 1, {"train": state, "rng": rng_global},
-                          {"data": pipeline.signature(), "step": step + 1, "wall_s": time.perf_counter() - t_start},
-                          force=True, data=pipeline.iterator)
-            if preempted:
-                log.warning("%s: saved the checkpoint at step %d; exiting cleanly", guard.signal_name or "SIGTERM",
-                            step + 1)
-                break
-    progress.close()
-    ckpt.wait()
+    def checkpoint_items(self):
+        return {"rng": self.rng_global}, {"wall_s": time.perf_counter() - self.t_start}
+
+
+def run(config) -> dict:
+    """Train; returns a summary dict (also written to workdir/summary.json)."""
+    job = OPDJob(config)
+    start = job.start()
+    steps = job.steps
+    summary = {"workdir": config.workdir, "release_mode": job.phases.release.mode, "loss": config.loss.name,
+               "start_step": start.step, "steps": steps}
+    if start.step == 0 and config.eval.num_problems and config.eval.before:
+        summary["eval_before"] = job.evaluate(0, start.tree["train"]["params"])
+    done = loop.train(job, config, state=start.tree["train"], start=start.step, steps=steps, pipeline=job.pipeline,
+                      ckpt=job.ckpt, writer=job.writer, eval_every=config.eval.every)
+    state = done.state
     counters = multihost.to_host({"step": state["step"], "skipped": state["skipped"]})
-    summary["preempted"] = preempted
+    summary["preempted"] = done.preempted
     summary["final_step"] = int(counters["step"])
     summary["skipped_updates"] = int(counters["skipped"])
-    if not preempted:
+    if not done.preempted:
         if config.checkpoint.export_hf:
-            hf_dir = os.path.join(config.workdir, "student_hf")
-            hf_io.save_pretrained(state["params"], student_cfg, hf_dir, tokenizer=student_tok)  # collective
-            summary["student_hf"] = hf_dir
+            summary["student_hf"] = loop.export_student(config.workdir, state["params"], job.student_cfg,
+                                                        job.tokenizer)
         if config.eval.num_problems:
-            summary["eval_after"] = run_eval(steps, state["params"])
-    summary.update(_averages(per_step))
-    summary["wall_s"] = time.perf_counter() - t_start
-    writer.close()
-    ckpt.close()
-    if writing:
-        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        log.info("wrote the run summary %s", os.path.join(config.workdir, "summary.json"))
+            summary["eval_after"] = job.evaluate(steps, state["params"])
+    summary.update(_averages(done.records))
+    summary["wall_s"] = time.perf_counter() - job.t_start
+    job.writer.close()
+    job.ckpt.close()
+    loop.write_summary(config.workdir, "summary.json", summary)
     summary["final_params"] = state["params"]
     return summary
 

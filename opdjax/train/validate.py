@@ -1,4 +1,7 @@
-"""Check a whole OPD config before anything is loaded onto a device or compiled.
+"""Config validation for every job, in one place, before anything is loaded onto a device or
+compiled: the shared sections of opdjax.schema once (mesh, batch, optimizer, loss, rollout, data,
+checkpoint, model roles), then each job's own (`validate_config` for OPD, `check_diagnose_section`,
+`validate_dail_train`, `validate_dail_synthesis`).
 
 Every message names the config field (as it would be written on the command line) and says
 what to do. Checks that need the checkpoints read only their small files (config.json,
@@ -11,17 +14,27 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
-from opdjax import losses
-from opdjax.models import attention as attention_lib
+from opdjax import losses, sharding
+from opdjax.dail import config as dail_config_lib, contrastive
+from opdjax.dail.hints import check_hint_config
+from opdjax.dail.prompts import check_templates
+from opdjax.data.sources import missing_local_path
+from opdjax.models import attention as attention_lib, lora
 from opdjax.models.config import ModelConfig
+from opdjax.schema import MOVED
+from opdjax.teachability import margins
 from opdjax.teachability.rule import ReleaseSettings, settings_from_config
 from opdjax.train.config import opd_config
-from opdjax.data.sources import missing_local_path
 
 
-class ConfigError(ValueError):
-    pass
+from opdjax.errors import ConfigError  # noqa: E402 (the one config error, shared with models.config)
+from opdjax.models import gguf_io
+from opdjax.data.tokenizer import load_tokenizer
+from opdjax.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
+from opdjax.train import memory
+from opdjax.dail.memory_estimate import check_fits, estimate_dail_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +47,29 @@ class CheckedConfig:
     mesh_shape: tuple[int, int, int]
 
 
+def moved_error(name: str) -> ConfigError | None:
+    """The error for a field name that moved to the shared vocabulary (opdjax.schema.MOVED)."""
+    if name in MOVED:
+        return ConfigError(f"{name} moved to {MOVED[name]}: set --config.{MOVED[name]} instead.")
+    return None
+
+
+def check_moved_overrides(argv) -> None:
+    """Command-line overrides (--config.a.b=v) under a moved name: ml_collections would only say
+    the key is unknown, so name the new one first."""
+    for arg in argv:
+        name = arg.split("=", 1)[0].removeprefix("--config.")
+        if arg.startswith("--config.") and (e := moved_error(name)):
+            raise e
+
+
 def check_unknown_fields(c, schema, prefix="", *, kind="an OPD", where="opdjax/train/config.py"):
     """Every field of `c` must exist in `schema` (a typo is an error, never silently ignored)."""
     for k in c.keys():
         name = f"{prefix}{k}"
         if k not in schema:
+            if e := moved_error(name):
+                raise e
             raise ConfigError(f"config.{name} is not {kind} setting; known in {prefix or 'config.'}: "
                               f"{', '.join(sorted(schema.keys()))}. (Typo? See {where}.)")
         if isinstance(c[k], ml_collections.ConfigDict) and k != "release" and isinstance(schema[k], ml_collections.ConfigDict):
@@ -57,6 +88,63 @@ def check_optimizer(o) -> None:
         raise ConfigError(f"config.optimizer.grad_clip={o.grad_clip!r} must be >= 0 (0 = off).")
     if o.weight_decay < 0:
         raise ConfigError(f"config.optimizer.weight_decay={o.weight_decay!r} must be >= 0.")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_positive_ints(section, name: str, fields) -> None:
+    for f in fields:
+        v = section[f]
+        if not (_is_int(v) and v >= 1):
+            raise ConfigError(f"config.{name}.{f}={v!r} must be an integer >= 1.")
+
+
+def check_mesh(m, num_devices: int | None = None) -> tuple[int, int, int]:
+    """mesh.shape against the devices, and the form of mesh.sharding_rules; the resolved shape."""
+    n_dev = jax.device_count() if num_devices is None else num_devices
+    try:
+        sharding.rules_from_config(tuple(m.sharding_rules), field="config.mesh.sharding_rules")
+        return sharding.mesh_shape_from_config(tuple(m.shape), n_dev, field="config.mesh.shape")
+    except sharding.ShardingError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_batch_split(rows: int, rows_are: str, change: str, microbatches: int, mesh_shape) -> None:
+    """A step's `rows` split into batch.microbatches, each split over the batch shards (data x fsdp)."""
+    shards = mesh_shape[0] * mesh_shape[1]
+    if rows % (microbatches * shards):
+        raise ConfigError(
+            f"config.batch: {rows} {rows_are} must be divisible by batch.microbatches={microbatches} x batch "
+            f"shards {shards} (mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); change {change}, "
+            "microbatches or mesh.shape.")
+
+
+def check_rollout(r) -> None:
+    """The shared rollout fields (max_new_tokens, cache_dtype)."""
+    check_positive_ints(r, "rollout", ("max_new_tokens",))
+    if r.cache_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"config.rollout.cache_dtype={r.cache_dtype!r}: choose '' (the params' dtype), "
+                          "float32 or bfloat16.")
+
+
+def check_checkpoint(ck) -> None:
+    if not (_is_int(ck.every) and ck.every >= 0):
+        raise ConfigError(f"config.checkpoint.every={ck.every!r} must be an integer >= 0 (0 = only at the end).")
+    if not (_is_int(ck.keep) and ck.keep >= 1):
+        raise ConfigError(f"config.checkpoint.keep={ck.keep!r} must be >= 1.")
+
+
+def check_shared(c) -> None:
+    """The sections every training job has (opdjax.schema), before any file is read."""
+    check_attention(c.model.attention)
+    check_positive_ints(c.batch, "batch", ("microbatches",))
+    check_positive_ints(c.loss, "loss", ("chunk_tokens",))
+    check_positive_ints(c.data, "data", ("max_prompt_tokens",))
+    check_rollout(c.rollout)
+    check_optimizer(c.optimizer)
+    check_checkpoint(c.checkpoint)
 
 
 def model_cfg(section, name, attention: str | None = None) -> ModelConfig:
@@ -87,7 +175,6 @@ def _model_cfg_from_files(section, name) -> ModelConfig:
     if m.gguf:
         if not os.path.isfile(m.gguf):
             raise ConfigError(f"config.{name}.gguf={m.gguf!r} does not exist; give a GGUF file path.")
-        from opdjax.models import gguf_io
         return gguf_io.config_from_gguf(m.gguf)
     if not m.path:
         raise ConfigError(f"config.{name}.path is empty; give a Hugging Face checkpoint directory "
@@ -101,9 +188,7 @@ def _model_cfg_from_files(section, name) -> ModelConfig:
 def load_tokenizer_for(section, name):
     """The tokenizer of config.<name> (HF directory or GGUF); errors name the field."""
     if section.gguf:
-        from opdjax.models import gguf_io
         return gguf_io.load_gguf_tokenizer(section.gguf)
-    from opdjax.data.tokenizer import load_tokenizer
     try:
         return load_tokenizer(section.path)
     except Exception as e:  # noqa: BLE001 - re-raised with the field name
@@ -111,7 +196,6 @@ def load_tokenizer_for(section, name):
 
 
 def check_tokenizers(c, student_tok, teacher_tok) -> None:
-    from opdjax.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
     if c.tokenizer.chat_template not in ("", "student", "teacher"):
         raise ConfigError(f"config.tokenizer.chat_template={c.tokenizer.chat_template!r}: choose '' (must "
                           "match), 'student' or 'teacher'.")
@@ -129,7 +213,7 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
     """Raise ConfigError naming the field; return what was resolved. `tokenizers` = (student,
     teacher) already loaded (else loaded here from the checkpoint directories)."""
     check_unknown_fields(c, opd_config())
-    check_attention(c.model.attention)
+    check_shared(c)
     if c.loss.name not in losses.LOSSES:
         raise ConfigError(f"config.loss.name={c.loss.name!r} is unknown; choose one of {', '.join(losses.LOSSES)}.")
     if c.loss.normalize not in losses.NORMALIZATIONS:
@@ -139,8 +223,6 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
         raise ConfigError(f"config.loss.clip_eps={c.loss.clip_eps!r} must be > 0.")
     if not 0.0 <= c.loss.jsd_beta <= 1.0:
         raise ConfigError(f"config.loss.jsd_beta={c.loss.jsd_beta!r} must lie in [0, 1].")
-    if not (isinstance(c.loss.chunk_tokens, int) and c.loss.chunk_tokens >= 1):
-        raise ConfigError(f"config.loss.chunk_tokens={c.loss.chunk_tokens!r} must be an integer >= 1.")
     try:
         release = settings_from_config(c.release)
     except ValueError as e:
@@ -148,17 +230,9 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
     if c.rollout.old_logp not in ("sampled", "model"):
         raise ConfigError(f"config.rollout.old_logp={c.rollout.old_logp!r}: choose 'sampled' (the distribution "
                           "sampled from) or 'model' (the student's softmax).")
-    for name in ("samples_per_prompt", "max_new_tokens"):
-        v = c.rollout[name]
-        if not (isinstance(v, int) and v >= 1):
-            raise ConfigError(f"config.rollout.{name}={v!r} must be an integer >= 1.")
-    for name in ("prompts_per_step", "microbatches"):
-        v = c.batch[name]
-        if not (isinstance(v, int) and v >= 1):
-            raise ConfigError(f"config.batch.{name}={v!r} must be an integer >= 1.")
-    if not (isinstance(c.train.steps, int) and c.train.steps >= 1):
-        raise ConfigError(f"config.train.steps={c.train.steps!r} must be an integer >= 1.")
-    check_optimizer(c.optimizer)
+    check_positive_ints(c.rollout, "rollout", ("samples_per_prompt",))
+    check_positive_ints(c.batch, "batch", ("prompts_per_step",))
+    check_positive_ints(c.train, "train", ("steps",))
     e = c.eval
     if not (isinstance(e.samples, int) and e.samples >= 1):
         raise ConfigError(f"config.eval.samples={e.samples!r} must be an integer >= 1.")
@@ -166,8 +240,6 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
         if not (isinstance(k, int) and 1 <= k <= e.samples):
             raise ConfigError(f"config.eval.k contains {k!r}: every k must be in [1, eval.samples={e.samples}] "
                               "(pass@k needs n >= k samples per problem); raise eval.samples or drop that k.")
-    if c.checkpoint.keep < 1:
-        raise ConfigError(f"config.checkpoint.keep={c.checkpoint.keep!r} must be >= 1.")
 
     # Data files.
     if c.data.task not in ("", "toy_arithmetic"):
@@ -197,21 +269,12 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
                           f"(got {c.rollout.top_p!r}, {c.rollout.temperature!r}).")
 
     # Mesh and batch divisibility.
-    from opdjax.sharding import ShardingError, mesh_shape_from_config
     n_dev = jax.device_count() if num_devices is None else num_devices
-    try:
-        mesh_shape = mesh_shape_from_config(tuple(c.mesh.shape), n_dev, field="config.mesh.shape")
-    except ShardingError as e:
-        raise ConfigError(str(e)) from e
+    mesh_shape = check_mesh(c.mesh, n_dev)
     rows = c.batch.prompts_per_step * c.rollout.samples_per_prompt
-    shards = mesh_shape[0] * mesh_shape[1]
-    m = c.batch.microbatches
-    if rows % (m * shards):
-        raise ConfigError(
-            f"config.batch: {rows} rollout rows per step (batch.prompts_per_step={c.batch.prompts_per_step} x "
-            f"rollout.samples_per_prompt={c.rollout.samples_per_prompt}) must be divisible by "
-            f"batch.microbatches={m} x batch shards {shards} (mesh data x fsdp = {mesh_shape[0]} x "
-            f"{mesh_shape[1]}); change prompts_per_step, samples_per_prompt, microbatches or mesh.shape.")
+    check_batch_split(rows, f"rollout rows per step (batch.prompts_per_step={c.batch.prompts_per_step} x "
+                      f"rollout.samples_per_prompt={c.rollout.samples_per_prompt})",
+                      "prompts_per_step, samples_per_prompt", c.batch.microbatches, mesh_shape)
 
     # Tokenizers and chat template: the teacher must see the student's exact ids.
     student_tok, teacher_tok = tokenizers if tokenizers else (load_tokenizer_for(c.student, "student"),
@@ -219,7 +282,118 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
     check_tokenizers(c, student_tok, teacher_tok)
 
     if c.chip != "cpu":
-        from opdjax.train import memory
         est = memory.estimate_memory(c, student_cfg, teacher_cfg, num_devices=n_dev, chip=c.chip)
         memory.check_fits(est, c, student_cfg, teacher_cfg)
     return CheckedConfig(student_cfg, teacher_cfg, release, rows, mesh_shape)
+
+
+# ------------------------------------------------------------------------------------ diagnose
+def check_diagnose_section(d) -> None:
+    """Names the `diagnose.*` field and the fix; before any model is loaded."""
+    if not (_is_int(d.num_prompts) and d.num_prompts >= 0):
+        raise ConfigError(f"config.diagnose.num_prompts={d.num_prompts!r} must be an integer >= 0 (0 = all).")
+    variants = tuple(d.variants)
+    if not variants:
+        raise ConfigError("config.diagnose.variants is empty; name at least one of "
+                          f"{', '.join(margins.MARGIN_VARIANTS)}.")
+    for v in variants:
+        if v not in margins.MARGIN_VARIANTS:
+            raise ConfigError(f"config.diagnose.variants contains {v!r}; choose among "
+                              f"{', '.join(margins.MARGIN_VARIANTS)}.")
+    if len(set(variants)) != len(variants):
+        raise ConfigError(f"config.diagnose.variants={variants!r} names a variant twice.")
+    if not 0 < d.significance < 1:
+        raise ConfigError(f"config.diagnose.significance={d.significance!r} must lie in (0, 1).")
+    if not (_is_int(d.examples) and d.examples >= 0):
+        raise ConfigError(f"config.diagnose.examples={d.examples!r} must be an integer >= 0.")
+
+
+# ------------------------------------------------------------------------------------ DAIL
+def check_dail_shared(config, num_devices: int | None = None) -> tuple[int, int, int]:
+    """What every DAIL job reads: field names, the shared sections, the templates; the mesh."""
+    check_unknown_fields(config, dail_config_lib.dail_config(), kind="a DAIL", where="opdjax/dail/config.py")
+    check_shared(config)
+    try:
+        check_templates(config.prompts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return check_mesh(config.mesh, num_devices)
+
+
+def validate_dail_train(config, *, num_devices: int | None = None) -> ModelConfig:
+    """job=dail_train: checks that need no weights; returns M's ModelConfig (from config.json)."""
+    n_dev = jax.device_count() if num_devices is None else num_devices
+    mesh_shape = check_dail_shared(config, n_dev)
+    t = config.train
+    if t.divergence not in contrastive.DIVERGENCES:
+        raise ConfigError(f"config.train.divergence={t.divergence!r}: choose one of {', '.join(contrastive.DIVERGENCES)}.")
+    if not t.gamma >= 0:
+        raise ConfigError(f"config.train.gamma={t.gamma!r} must be >= 0 (0 = no negative term).")
+    if not t.negative_clip >= 0:
+        raise ConfigError(f"config.train.negative_clip={t.negative_clip!r} must be >= 0 (0 = no clip).")
+    check_positive_ints(t, "train", ("epochs",))
+    check_positive_ints(config.batch, "batch", ("sequences_per_step",))
+    check_batch_split(config.batch.sequences_per_step, "traces per step (batch.sequences_per_step)",
+                      "sequences_per_step", config.batch.microbatches, mesh_shape)
+    if config.lora.enabled:
+        try:
+            lora.LoraSpec.from_config(config.lora)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    traces = dail_config_lib.traces_path(config)
+    if missing_local_path(traces):
+        raise ConfigError(f"config.train.traces={traces!r} does not exist; run the synthesis first "
+                          "(job dail_synthesize) or point train.traces at a traces JSONL file.")
+    cfg = model_cfg(config.model, "model", attention=config.model.attention)
+    _check_dail_fits(config, cfg, n_dev, "dail_train")
+    return cfg
+
+
+def validate_dail_synthesis(config, *, num_devices: int | None = None) -> ModelConfig:
+    """job=dail_synthesize: everything it reads, before any weights are loaded; returns M's
+    ModelConfig (from config.json)."""
+    n_dev = jax.device_count() if num_devices is None else num_devices
+    check_dail_shared(config, n_dev)
+    if not (_is_int(config.seed) and config.seed >= 0):
+        raise ConfigError(f"config.seed={config.seed!r} must be an integer >= 0.")
+    try:
+        check_hint_config(config.hint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    s, d = config.synthesis, config.data
+    if not d.problems:
+        raise ConfigError("config.data.problems is empty; give a .jsonl / .jsonl.gz / .parquet / "
+                          "ArrayRecord file, a TFDS or save_to_disk directory, or tfds:NAME.")
+    if missing_local_path(d.problems):
+        raise ConfigError(f"config.data.problems={d.problems!r} does not exist.")
+    if not _is_int(d.limit) or d.limit < 0:
+        raise ConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")
+    if not isinstance(s.accept_threshold, (int, float)) or isinstance(s.accept_threshold, bool) \
+            or not 0.0 <= float(s.accept_threshold) <= 1.0:
+        raise ConfigError(f"config.synthesis.accept_threshold={s.accept_threshold!r} must be a number "
+                          "in [0, 1] (0 = student only, 1 = expert only).")
+    check_positive_ints(s, "synthesis", ("num_samples", "problems_per_batch", "top_n", "retries"))
+    if s.on_no_match not in dail_config_lib.ON_NO_MATCH:
+        raise ConfigError(f"config.synthesis.on_no_match={s.on_no_match!r}: choose one of "
+                          f"{dail_config_lib.ON_NO_MATCH}.")
+    if isinstance(s.ban_tokens, str) or not all(isinstance(t, str) for t in s.ban_tokens):
+        raise ConfigError(f"config.synthesis.ban_tokens={s.ban_tokens!r} must be a tuple of token "
+                          "strings, e.g. ('</think>',).")
+    out = dail_config_lib.output_path(config)
+    if os.path.isdir(out):
+        raise ConfigError(f"config.synthesis.output={out!r} is a directory; give a file path "
+                          "(or '' for workdir/traces.jsonl).")
+    try:
+        cfg = model_cfg(config.model, "model", attention=config.model.attention)
+    except ValueError as e:  # config.json problems from ModelConfig
+        raise ConfigError(str(e)) from e
+    if s.top_n > cfg.vocab_size:
+        raise ConfigError(f"config.synthesis.top_n={s.top_n} exceeds the vocabulary of config.model "
+                          f"({cfg.vocab_size}).")
+    _check_dail_fits(config, cfg, n_dev, "dail_synthesize")
+    return cfg
+
+
+def _check_dail_fits(config, cfg, num_devices, job) -> None:
+    """Refuses a config that cannot fit config.chip."""
+    check_fits(estimate_dail_memory(config, cfg, num_devices=num_devices, job=job))

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from opdjax.dail import synthesize, train
+from opdjax.dail import distill, synthesize
 from opdjax.dail.config import dail_config
 from opdjax.data.tokenizer import build_toy_tokenizer
 from opdjax.models import hf_io, lora, qwen
@@ -52,12 +52,12 @@ def _config(d, name, **train_over):
     c.prompts.hint = "{problem}\n{hint}"
     c.prompts.enable_thinking = False
     c.synthesis.num_samples = 2
-    c.synthesis.max_new_tokens = 8
+    c.rollout.max_new_tokens = 8
     c.synthesis.problems_per_batch = 3
     c.synthesis.accept_threshold = 0.3
     c.train.epochs = 2
-    c.train.sequences_per_step = 4
-    c.train.chunk_tokens = 4
+    c.batch.sequences_per_step = 4
+    c.loss.chunk_tokens = 4
     c.lora.rank = 4
     c.lora.alpha = 8.0
     c.optimizer.learning_rate = 1e-2
@@ -73,8 +73,8 @@ def _config(d, name, **train_over):
 
 def test_epoch_plan_visits_every_trace_once_per_epoch():
     n, per = 10, 4
-    config = ml_collections.ConfigDict({"seed": 1, "train": {"sequences_per_step": per}})
-    pipe = train.trace_pipeline(config, n)
+    config = ml_collections.ConfigDict({"seed": 1, "batch": {"sequences_per_step": per}})
+    pipe = distill.trace_pipeline(config, n)
     assert pipe.steps_per_epoch == 3
     steps = [next(pipe).indices for _ in range(6)]  # 2 epochs of 3 steps
     for e in range(2):
@@ -87,7 +87,7 @@ def test_epoch_plan_visits_every_trace_once_per_epoch():
 def test_train_logs_both_terms_and_exports(traces, use_lora):
     d, path = traces
     c = _config(d, f"train_{use_lora}", **{"train.traces": path, "lora.enabled": use_lora})
-    s = train.run(c)
+    s = distill.run(c)
     n = sum(1 for line in open(path) if json.loads(line)["trace_ids"] is not None)
     assert s["traces"] == n and s["steps"] == 2 * -(-n // 4)
     recs = [r for r in read_metrics(os.path.join(c.workdir, "metrics.jsonl")) if "loss/total" in r]
@@ -111,18 +111,19 @@ def test_train_logs_both_terms_and_exports(traces, use_lora):
                for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(base))) > 1e-6
 
 
+@pytest.mark.integration
 def test_resume_continues_exactly(traces):
     d, path = traces
     ref = _config(d, "ref", **{"train.traces": path, "checkpoint.keep": 20})
-    steps = train.run(ref)["steps"]
+    steps = distill.run(ref)["steps"]
     cut = _config(d, "cut", **{"train.traces": path, "checkpoint.keep": 20})
-    train.run(cut)
+    distill.run(cut)
     ck = Checkpointer(os.path.join(cut.workdir, "checkpoints"))
     assert ck.all_steps() == list(range(1, steps + 1))
     ck.close()
     for step in range(3, steps + 1):  # as if killed after step 2's checkpoint
         shutil.rmtree(os.path.join(cut.workdir, "checkpoints", str(step)))
-    assert train.run(cut)["start_step"] == 2
+    assert distill.run(cut)["start_step"] == 2
     a = {r["step"]: r["loss/total"] for r in read_metrics(os.path.join(ref.workdir, "metrics.jsonl")) if "loss/total" in r}
     b = {r["step"]: r["loss/total"] for r in read_metrics(os.path.join(cut.workdir, "metrics.jsonl")) if "loss/total" in r}
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
@@ -134,10 +135,10 @@ def test_bad_traces_are_named(traces, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "problem": "p", "solutions": ["s"], "hint": "h"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1.*trace_ids"):
-        train.load_traces(str(bad))
+        distill.load_traces(str(bad))
     c = _config(d, "missing", **{"train.traces": str(tmp_path / "nope.jsonl")})
     with pytest.raises(ValueError, match="train.traces"):
-        train.run(c)
+        distill.run(c)
     c = _config(d, "div", **{"train.traces": str(bad), "train.divergence": "sideways"})
     with pytest.raises(ValueError, match="train.divergence"):
-        train.run(c)
+        distill.run(c)

@@ -21,9 +21,9 @@ Then: max |logit difference| and argmax agreement (fp32 vs fp32), whether both g
 continuations agree, and `check_same_tokenizer(teacher, student)` on the GGUF tokenizers
 (every fingerprint field reported, and whether the two chat templates render the same prompt ids).
 
-    .venv/bin/python bench/check_real_pair.py --data /work/realpair --fetch            # everything
-    .venv/bin/python bench/check_real_pair.py --data /work/realpair --student-only
-    .venv/bin/python bench/check_real_pair.py --data /work/realpair --gen-dtype bfloat16
+    .venv/bin/python tools/check_real_pair.py --data /work/realpair --fetch            # everything
+    .venv/bin/python tools/check_real_pair.py --data /work/realpair --student-only
+    .venv/bin/python tools/check_real_pair.py --data /work/realpair --gen-dtype bfloat16
 """
 from __future__ import annotations
 

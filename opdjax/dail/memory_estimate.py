@@ -4,8 +4,8 @@ sharding arithmetic and layer model, opdjax.train.memory, applied to DAIL's arra
     est = estimate_dail_memory(config, model_cfg, num_devices=8, chip="h100")
     print(format_table(est)); check_fits(est)
 
-Lengths: Pc = prompts.max_prompt_tokens (every context is at most this long, checked per record),
-N = synthesis.max_new_tokens (a trace is at most this long; training's response length).
+Lengths: Pc = data.max_prompt_tokens (every context is at most this long, checked per record),
+N = rollout.max_new_tokens (a trace is at most this long; training's response length).
 
 resident (the whole run)
   M params                    model.dtype; synthesis, reference and (LoRA) base in one copy
@@ -17,14 +17,14 @@ synthesis ("rollout"; rows = synthesis.problems_per_batch * synthesis.num_sample
                               samples then copy the cache)
   choice logits               [rows, V] float32 x 10 (two contexts: logits, softmax, top-n masks,
                               the retries' draws)
-train step (rows = train.sequences_per_step / train.microbatches; T = Pc + N per context)
+train step (rows = batch.sequences_per_step / batch.microbatches; T = Pc + N per context)
   gradients                   = trainable (x 2 with microbatches: accumulator + this one)
   saved layer inputs          (L + 1) x [rows, T, D]: only the student forward is differentiated
   layer fwd + bwd             2 x one layer's working set over T
   reference hidden states     2 x [rows, N, D]: expert and hint contexts at the response positions
   reference layer             one layer's forward working set (no gradient, freed per layer)
   loss chunk                  [rows, c, V] float32 x 3 (student, positive, negative) x 2 (backward),
-                              c = train.chunk_tokens
+                              c = loss.chunk_tokens
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from opdjax.models import lora, qwen
 from opdjax.models.config import ModelConfig
 from opdjax.train.memory import (_ITEMSIZE, _SHORT, CHIPS, GPU_CHIPS, MemoryEstimate, Term, _dtype, _fmt_shape, _layer_working_set,
                                  _params_per_chip, _Shard, _usable, attention_block, check_fits, format_table)
-from opdjax.train.validate import ConfigError
+from opdjax.errors import ConfigError
 
 __all__ = ["estimate_dail_memory", "check_fits", "format_table"]
 
@@ -50,10 +50,10 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
     chip = chip or config.get("chip", None) or "cpu"
     if chip not in CHIPS:
         raise ConfigError(f"chip={chip!r} is unknown; known: {', '.join(CHIPS)}.")
-    sh = _Shard(sharding.mesh_shape_from_config(config.mesh.shape, num_devices))
+    sh = _Shard(sharding.mesh_shape_from_config(config.mesh.shape, num_devices), config.mesh.get("sharding_rules", ()))
     dt = _dtype(config.model.dtype, cfg)
     b = _ITEMSIZE[dt]
-    Pc, N = int(config.prompts.max_prompt_tokens), int(config.synthesis.max_new_tokens)
+    Pc, N = int(config.data.max_prompt_tokens), int(config.rollout.max_new_tokens)
     T = Pc + N
     V, D = cfg.vocab_size, cfg.hidden_size
     terms: list[Term] = []
@@ -81,7 +81,7 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
     if synthesis:
         rows = int(config.synthesis.problems_per_batch) * int(config.synthesis.num_samples)
         cache_shape = (cfg.num_layers, rows, T, cfg.num_kv_heads, cfg.head_dim)
-        c_dtype = config.synthesis.cache_dtype or dt
+        c_dtype = config.rollout.cache_dtype or dt
         cache = 2 * 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * _ITEMSIZE[c_dtype]
         add("two KV caches", "rollout", cache, _fmt_shape(cache_shape, c_dtype, 4), sh.describe(cache_shape, qwen.CACHE_AXES))
         prompts = int(config.synthesis.problems_per_batch)  # each context is prefilled once per problem
@@ -103,10 +103,10 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
 
     # train step ------------------------------------------------------------------------------
     if training:
-        m = int(config.train.microbatches)
-        if int(config.train.sequences_per_step) % m:
-            raise ConfigError(f"train.microbatches={m} must divide train.sequences_per_step={config.train.sequences_per_step}.")
-        r = int(config.train.sequences_per_step) // m
+        m = int(config.batch.microbatches)
+        if int(config.batch.sequences_per_step) % m:
+            raise ConfigError(f"batch.microbatches={m} must divide batch.sequences_per_step={config.batch.sequences_per_step}.")
+        r = int(config.batch.sequences_per_step) // m
         hid = ("batch", "length", "act_embed")
         copies = 2 if m > 1 else 1
         add("gradients" + (" (+ accumulator)" if copies > 1 else ""), "train step", copies * trainable,
@@ -118,7 +118,7 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
             f"2 x 1 student layer + 1 reference layer, {r} rows x {T}", sh.describe((r,), ("batch",)))
         add("reference hidden states", "train step", 2 * sh.elements((r, N, D), hid) * b, _fmt_shape((r, N, D), dt, 2),
             sh.describe((r, N, D), hid))
-        c = min(int(config.train.chunk_tokens), N)
+        c = min(int(config.loss.chunk_tokens), N)
         chunk = (r, c, V)
         names = ("batch", "length", "act_vocab")
         add("loss chunk", "train step", 6 * sh.elements(chunk, names) * 4, _fmt_shape(chunk, "float32", 6),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from opdjax.teachability import release as rl
+from opdjax.teachability import weights as rl
 
 B, R = 5, 12
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opdjax import multihost
-from opdjax.teachability import changepoint, margins, release
+from opdjax.teachability import changepoint, margins, weights
 from opdjax.teachability.rule import ReleaseSettings, checked_scan_width
 
 CALIBRATIONS = ("bic", "permutation")
@@ -85,7 +85,7 @@ def per_rollout_statistics(s: ReleaseSettings, width: int, margin, defined, adva
     orders = changepoint.permutation_orders(key, valid, s.permutations)
     pt = changepoint.permutation_test(M, valid, orders, alpha=s.alpha, penalty=s.bic_penalty,
                                       min_segment=s.min_segment, variance=s.variance, observed=cp)
-    T = release.response_lengths(mask)
+    T = weights.response_lengths(mask)
     t = jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
     g0 = jnp.where(defined, margin, 0.0).astype(jnp.float32)
     abs_adv = jnp.abs(jnp.where(mask, advantage, 0.0)).astype(jnp.float32)
@@ -96,14 +96,14 @@ def per_rollout_statistics(s: ReleaseSettings, width: int, margin, defined, adva
     flags = {"bic": (cp.detected, cp.upward_detected, pt.chance_bic, pt.chance_bic_up),
              "permutation": (pt.detected, pt.upward_detected, pt.chance_permutation, pt.chance_permutation_up)}
     for c, (down, up, chance, chance_up) in flags.items():
-        r = release.release_index(cp.release_sentence, down, sent_ids, mask)
+        r = weights.release_index(cp.release_sentence, down, sent_ids, mask)
         before, after = mask & (t < r[:, None]), mask & (t >= r[:, None])
         out |= {f"{c}/detected": down, f"{c}/upward_detected": up, f"{c}/chance": chance,
                 f"{c}/chance_up": chance_up, f"{c}/release_index": r}
         for name, x, m in (("margin_before", g0, before & defined), ("margin_after", g0, after & defined),
                            ("abs_adv_before", abs_adv, before), ("abs_adv_after", abs_adv, after)):
             out[f"{c}/{name}_sum"], out[f"{c}/{name}_n"] = _sums_where(x, m)
-    for name, bins in (("decile", release.N_POSITION_BINS), ("third", N_THIRDS)):
+    for name, bins in (("decile", weights.N_POSITION_BINS), ("third", N_THIRDS)):
         bin_of = (bins * t) // jnp.maximum(T, 1)[:, None]
         in_bin = defined[:, None, :] & (bin_of[:, None, :] == jnp.arange(bins)[None, :, None])  # [N, bins, R]
         out[f"{name}_margin_sum"], out[f"{name}_margin_n"] = _sums_where(g0[:, None, :], in_bin)

@@ -1,10 +1,10 @@
-"""The synthetic multi-step arithmetic task of the embedded demo (opdjax.data.toy_task)."""
+"""The synthetic multi-step arithmetic task of the embedded demo (opdjax.toy.arithmetic)."""
 import re
 
 import pytest
 
-from opdjax.data import toy_task
-from opdjax.data.toy_task import (extract_answer, first_wrong_step, is_correct, make_problems, read_jsonl,
+from opdjax.toy import arithmetic
+from opdjax.toy.arithmetic import (extract_answer, first_wrong_step, is_correct, make_problems, read_jsonl,
                                   render_problem, write_jsonl)
 
 # The worked example of the module docstring.
@@ -16,7 +16,7 @@ def test_render_example():
     assert EXAMPLE["solution"] == ("We start with 7. Adding 5 to 7 gives 12. Multiplying 12 by 3 gives 36. "
                                    "Subtracting 4 from 36 gives 32. The answer is 32.")
     assert EXAMPLE["answer"] == "32"
-    assert toy_task.num_steps(EXAMPLE) == 5
+    assert arithmetic.num_steps(EXAMPLE) == 5
 
 
 def test_deterministic_and_prefix_stable():
@@ -34,7 +34,7 @@ def test_train_eval_disjoint_and_unique():
     assert not train & set(evals)
     # also across seeds: the split is a function of the prompt alone
     assert not {p["prompt"] for p in make_problems(300, seed=1, split="eval")} & train
-    assert all(toy_task.split_of(p) == "eval" for p in evals)
+    assert all(arithmetic.split_of(p) == "eval" for p in evals)
     with pytest.raises(ValueError):
         make_problems(1, split="test")
 
@@ -62,7 +62,7 @@ def _check_numbers(p):
             before, a, after = map(int, m.groups())
             assert after == before * a
         assert a == arg and before == v
-        assert 0 <= after <= toy_task.MAX_VALUE
+        assert 0 <= after <= arithmetic.MAX_VALUE
         v = after
     assert steps[-1] == f"The answer is {v}." and p["answer"] == str(v)
 
@@ -72,7 +72,7 @@ def test_solution_numbers_are_correct():
     for p in problems:
         _check_numbers(p)
     n_ops = {len(p["ops"]) for p in problems}
-    assert n_ops == set(range(toy_task.MIN_OPS, toy_task.MAX_OPS + 1))
+    assert n_ops == set(range(arithmetic.MIN_OPS, arithmetic.MAX_OPS + 1))
     # values grow along the chain on average: the later steps carry the bigger numbers
     mean = lambda k: sum(p["values"][k] for p in problems) / len(problems)
     assert mean(2) > mean(0) * 1.5

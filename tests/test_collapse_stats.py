@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from opdjax.teachability import diagnosis, rule
+from opdjax.teachability import collapse_stats, rule
 
 from synthetic_rollouts import arrays_from_margins, sentence_margins
 
@@ -13,7 +13,7 @@ SETTINGS = rule.settings_from_config(rule.release_config())
 
 
 def _run(arrays, **diag):
-    return diagnosis.diagnose(arrays, SETTINGS, diagnosis.DiagnoseSettings(**diag))
+    return collapse_stats.diagnose(arrays, SETTINGS, collapse_stats.DiagnoseSettings(**diag))
 
 
 def test_planted_downward_shift_is_found_at_its_sentence():
@@ -88,10 +88,10 @@ def test_poisson_binomial_tail_equals_enumeration():
     for k in range(0, 11):
         brute = sum(np.prod([pi if o else 1 - pi for pi, o in zip(p, outcome)])
                     for outcome in itertools.product((0, 1), repeat=9) if sum(outcome) >= k)
-        assert diagnosis.poisson_binomial_sf(k, p) == pytest.approx(brute, abs=1e-12)
+        assert collapse_stats.poisson_binomial_sf(k, p) == pytest.approx(brute, abs=1e-12)
     # equal probabilities: the binomial tail
     from math import comb
-    assert diagnosis.poisson_binomial_sf(7, [0.3] * 20) == pytest.approx(
+    assert collapse_stats.poisson_binomial_sf(7, [0.3] * 20) == pytest.approx(
         sum(comb(20, i) * 0.3**i * 0.7**(20 - i) for i in range(7, 21)), rel=1e-10)
 
 
@@ -99,23 +99,23 @@ def test_sign_flip_test_exact_and_sampled():
     d = np.array([0.5, -0.2, 0.9, 1.1, 0.3, -0.1, 0.7])
     obs = abs(d.mean())
     brute = np.mean([abs(np.dot(s, d)) / len(d) >= obs - 1e-12 for s in itertools.product((1, -1), repeat=7)])
-    assert diagnosis.sign_flip_test(d) == pytest.approx(brute)
+    assert collapse_stats.sign_flip_test(d) == pytest.approx(brute)
     rng = np.random.default_rng(1)
     null = rng.normal(size=40)
-    assert diagnosis.sign_flip_test(null) > 0.01
-    assert diagnosis.sign_flip_test(null + 1.0) < 1e-3
+    assert collapse_stats.sign_flip_test(null) > 0.01
+    assert collapse_stats.sign_flip_test(null + 1.0) < 1e-3
     # agrees with the paired t-test on a large sample (scipy is a test oracle only)
     from scipy import stats
     x = rng.normal(size=60) + 0.3
-    assert diagnosis.sign_flip_test(x) == pytest.approx(stats.ttest_1samp(x, 0).pvalue, abs=0.02)
+    assert collapse_stats.sign_flip_test(x) == pytest.approx(stats.ttest_1samp(x, 0).pvalue, abs=0.02)
 
 
 def test_bad_arrays_are_named():
     arrays = arrays_from_margins(sentence_margins(4, 6, seed=0), 3)
     del arrays["sent_ids"]
     with pytest.raises(ValueError, match="lack sent_ids"):
-        diagnosis.check_arrays(arrays)
+        collapse_stats.check_arrays(arrays)
     arrays = arrays_from_margins(sentence_margins(4, 6, seed=0), 3)
     arrays["teacher_cand_logp"] = arrays["teacher_cand_logp"][:, :5]
     with pytest.raises(ValueError, match="teacher_cand_logp has shape"):
-        diagnosis.check_arrays(arrays)
+        collapse_stats.check_arrays(arrays)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from opdjax.dail.memory import estimate_dail_memory
+from opdjax.dail.memory_estimate import estimate_dail_memory
 from opdjax.models.presets import preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def test_each_job_counts_its_own_phase_and_the_cache_by_hand():
 
 def test_the_jobs_refuse_a_config_that_cannot_fit(tmp_path):
     """The check runs in each job's config validation, before any weight is loaded."""
-    from opdjax.dail import synthesize, train
+    from opdjax.dail import distill, synthesize
     from opdjax.train.memory import DoesNotFitError
     m, c = _config("dail_train_qwen3_8b")
     cfg = preset_config(m.MODEL)
@@ -56,10 +56,10 @@ def test_the_jobs_refuse_a_config_that_cannot_fit(tmp_path):
     c.model.path = str(tmp_path / "m")
     c.mesh.shape = (1, -1, 1)
     c.train.traces = str(tmp_path / "traces.jsonl")
-    c.train.microbatches = 1
-    c.train.sequences_per_step = 512  # 512 sequences x 2,304 tokens at once: far beyond 8 H100s
+    c.batch.microbatches = 1
+    c.batch.sequences_per_step = 512  # 512 sequences x 2,304 tokens at once: far beyond 8 H100s
     with pytest.raises(DoesNotFitError, match="does not fit on h100"):
-        train.validate(c)
+        distill.validate(c)
     m, c = _config("dail_synthesize_qwen3_8b")
     c.model.path = str(tmp_path / "m")
     c.mesh.shape = (1, -1, 1)

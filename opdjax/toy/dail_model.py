@@ -1,8 +1,8 @@
 """The DAIL demo's model M: a tiny Qwen3 checkpoint (Hugging Face format, the toy pair's tokenizer)
-trained from scratch on `opdjax.data.toy_task` to solve problems in three contexts
-(`opdjax.dail.toy`), shipped in `opdjax/assets/toy_dail/model` and rebuilt by
+trained from scratch on `opdjax.toy.arithmetic` to solve problems in three contexts
+(`opdjax.toy.dail_problems`), shipped in `opdjax/assets/toy_dail/model` and rebuilt by
 
-    python -m opdjax.models.toy_dail --out opdjax/assets/toy_dail [--seed 0] [--steps N]
+    python -m opdjax.toy.dail_model --out opdjax/assets/toy_dail [--seed 0] [--steps N]
 
 DAIL needs a model that can read a reference solution in context, as a real LLM does: asked the
 problem alone (the *student context*) it is right only sometimes; given the problem plus a terse
@@ -16,10 +16,10 @@ the three contexts, always to the full step-by-step solution:
     hint     TOY_HINT(problem, hint)                       -> full solution   (MIX["hint"])
 
 Every training problem gets one context, drawn with the MIX weights. The hint's landmarks are,
-with equal odds, the problem's intermediate values (`opdjax.dail.toy.hint_landmarks`) or the
+with equal odds, the problem's intermediate values (`opdjax.toy.dail_problems.hint_landmarks`) or the
 numbers of the terse solution in order of appearance (about what the general landmarks builder
 `opdjax.dail.hints` extracts from it), so both read as plausible hints. Architecture, optimizer
-and batching are the toy student's (`toy_pair.STUDENT_ARCH`, `toy_pair.train`: 2 layers, hidden
+and batching are the toy student's (`opd_pair.STUDENT_ARCH`, `opd_pair.train`: 2 layers, hidden
 64, 96k params; AdamW, warmup + cosine, length buckets); the tokenizer files are copied from the
 shipped toy student, so token ids are identical. The student context's accuracy is steep in the
 step count (as for the toy student), so change TRAIN with care; the measured numbers of the
@@ -45,17 +45,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from opdjax.dail import toy
-from opdjax.data import toy_task
+from opdjax.toy import arithmetic, dail_problems
 from opdjax.data.tokenizer import load_tokenizer
-from opdjax.models import hf_io, toy_pair
+from opdjax.models import hf_io
+from opdjax.toy import opd_pair
 from opdjax.models.config import ModelConfig
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_dail")
-TOKENIZER_SOURCE = os.path.join(os.path.dirname(toy_pair.ASSET_DIR), "toy_pair", "student")
+TOKENIZER_SOURCE = os.path.join(os.path.dirname(opd_pair.ASSET_DIR), "toy_pair", "student")
 
-ARCH = toy_pair.STUDENT_ARCH
-TRAIN = toy_pair.TrainSpec(steps=1000)
+ARCH = opd_pair.STUDENT_ARCH
+TRAIN = opd_pair.TrainSpec(steps=1000)
 MIX = {"student": 0.4, "expert": 0.35, "hint": 0.25}  # share of training problems per context
 RESYNC = {"expert": 0.5, "hint": 0.3}  # share of a context's rows with a slip to recover from
 CONTEXTS = ("student", "expert", "hint")
@@ -73,7 +73,7 @@ def load_toy_dail(dir: str | os.PathLike | None = None) -> str:
     model = os.path.join(root, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"No toy DAIL checkpoint at {model}: build it with "
-                                f"`python -m opdjax.models.toy_dail --out {root}`.")
+                                f"`python -m opdjax.toy.dail_model --out {root}`.")
     return model
 
 
@@ -81,7 +81,7 @@ def load_toy_dail(dir: str | os.PathLike | None = None) -> str:
 def terse_numbers(problem: dict) -> list[str]:
     """The numbers of the terse solution before its answer sentence, in order, without repeats
     (landmarks roughly as a general extractor finds them in the solution text)."""
-    body = toy.terse_solution(problem).rsplit(" The answer is ", 1)[0]
+    body = dail_problems.terse_solution(problem).rsplit(" The answer is ", 1)[0]
     out: list[str] = []
     for n in re.findall(r"\d+", body):
         if n not in out:
@@ -93,14 +93,14 @@ def context_text(problem: dict, context: str, rng: np.random.Generator | None = 
     """The user turn of `problem` in `context`. For the hint context, `rng` picks the landmark
     list (the problem's values or the terse solution's numbers); None: the values."""
     if context == "student":
-        return toy.student_text(problem)
+        return dail_problems.student_text(problem)
     if context == "expert":
-        return toy.expert_text(problem)
+        return dail_problems.expert_text(problem)
     if context == "hint":
         marks = None if rng is None or rng.random() < 0.5 else terse_numbers(problem)[:8]
-        return toy.hint_text(problem, toy.toy_hint(problem, landmarks=marks))
+        return dail_problems.hint_text(problem, dail_problems.toy_hint(problem, landmarks=marks))
     if context == "full":
-        return toy.expert_text(problem, problem["solution"])
+        return dail_problems.expert_text(problem, problem["solution"])
     raise ValueError(f"context={context!r}: expected one of {TRAIN_CONTEXTS}")
 
 
@@ -120,7 +120,7 @@ def resync_target(problem: dict, slips: dict[int, int], operand: str = "wrong") 
         sentence = steps[j]
         if operand == "wrong" and j - 1 in slips:
             op, arg = ops[j - 1]
-            sentence = toy_task._op_sentence(op, arg, slips[j - 1], values[j - 1])
+            sentence = arithmetic._op_sentence(op, arg, slips[j - 1], values[j - 1])
         if j in slips:
             cut = sentence.rindex(" gives ") + len(" gives ")
             pieces += [(text + " " + sentence[:cut], True), (str(slips[j]), False)]
@@ -135,7 +135,7 @@ def slip_value(v: int, rng: np.random.Generator) -> int:
     """A wrong value near v (off by 1..10), in [0, MAX_VALUE]."""
     while True:
         w = v + int(rng.choice([-1, 1])) * int(rng.integers(1, 11))
-        if 0 <= w <= toy_task.MAX_VALUE and w != v:
+        if 0 <= w <= arithmetic.MAX_VALUE and w != v:
             return w
 
 
@@ -157,7 +157,7 @@ def training_target(problem: dict, context: str, rng: np.random.Generator,
     if context == "student" or rng.random() >= p:
         return [(problem["solution"], True)]
     if context == "expert":
-        j = int(rng.choice([s - 1 for s in toy.shown_steps(k) if s >= 2]))
+        j = int(rng.choice([s - 1 for s in dail_problems.shown_steps(k) if s >= 2]))
         return resync_target(problem, {j: slip_value(values[j - 1], rng)}, operand="true")
     return resync_target(problem, {k - 1: slip_value(values[k - 2], rng)}, operand="wrong")
 
@@ -185,7 +185,7 @@ def encode_target(tok, target: str | list[tuple[str, bool]]) -> tuple[list[int],
 
 
 def encode_rows(tok, prompts: list[list[int]], targets: list, length: int | None = None):
-    """Like toy_pair.encode_sft for already rendered prompt ids and targets (strings or
+    """Like opd_pair.encode_sft for already rendered prompt ids and targets (strings or
     (text, trained) pieces, see `encode_target`): right-padded tokens [N, T], mask [N, T],
     loss_mask [N, T] (True where the next token is a trained target token or the EOS)."""
     rows = [(a, *encode_target(tok, t)) for a, t in zip(prompts, targets)]
@@ -208,7 +208,7 @@ def training_data(tok, problems: list[dict], mix: dict[str, float], resync: dict
     """(tokens, mask, loss_mask) and the context of each row."""
     contexts = assign_contexts(len(problems), mix, seed)
     rng = np.random.default_rng([seed, 3])
-    prompts = [toy.render(tok, context_text(p, c, rng)) for p, c in zip(problems, contexts)]
+    prompts = [dail_problems.render(tok, context_text(p, c, rng)) for p, c in zip(problems, contexts)]
     targets = [training_target(p, c, rng, resync) for p, c in zip(problems, contexts)]
     return encode_rows(tok, prompts, targets), contexts
 
@@ -218,11 +218,11 @@ def evaluate_context(params, cfg: ModelConfig, tok, problems: list[dict], contex
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """Accuracy, exact-solution rate and first-wrong-step histogram of `problems` in `context`
     (hint landmarks: the problem's values)."""
-    prompts = [toy.render(tok, context_text(p, context)) for p in problems]
-    texts = toy_pair.generate_from_ids(params, cfg, tok, prompts, temperature=temperature, seed=seed,
+    prompts = [dail_problems.render(tok, context_text(p, context)) for p in problems]
+    texts = opd_pair.generate_from_ids(params, cfg, tok, prompts, temperature=temperature, seed=seed,
                                        batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS)
-    correct = [toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
-    fws = [toy_task.first_wrong_step(t, p) for t, p in zip(texts, problems)]
+    correct = [arithmetic.is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
+    fws = [arithmetic.first_wrong_step(t, p) for t, p in zip(texts, problems)]
     hist = collections.Counter("none" if f is None else str(f) for f in fws)
     return {
         "n": len(problems), "accuracy": float(np.mean(correct)),
@@ -246,8 +246,8 @@ def evaluate_all(params, cfg: ModelConfig, tok, problems: list[dict], *, seed: i
 
 
 # ---------------------------------------------------------------------------------------- build
-def build_toy_dail(out: str | os.PathLike, *, seed: int = 0, arch: toy_pair.ArchSpec = ARCH,
-                   spec: toy_pair.TrainSpec = TRAIN, mix: dict[str, float] | None = None,
+def build_toy_dail(out: str | os.PathLike, *, seed: int = 0, arch: opd_pair.ArchSpec = ARCH,
+                   spec: opd_pair.TrainSpec = TRAIN, mix: dict[str, float] | None = None,
                    resync: dict[str, float] | None = None,
                    num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL,
                    temperatures: tuple[float, ...] = (0.0, 1.0), command: str | None = None) -> dict[str, Any]:
@@ -259,13 +259,13 @@ def build_toy_dail(out: str | os.PathLike, *, seed: int = 0, arch: toy_pair.Arch
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
     tok = load_tokenizer(TOKENIZER_SOURCE)
-    train_problems = toy_task.make_problems(num_train, seed, "train")
-    eval_problems = toy_task.make_problems(num_eval, seed, "eval")
+    train_problems = arithmetic.make_problems(num_train, seed, "train")
+    eval_problems = arithmetic.make_problems(num_eval, seed, "eval")
     data, contexts = training_data(tok, train_problems, mix, resync, seed)
-    cfg = toy_pair.model_config(arch, tok)
+    cfg = opd_pair.model_config(arch, tok)
     model_seed = seed * 2 + 2
     t0 = time.time()
-    params, log = toy_pair.train(cfg, data, spec, model_seed, name="toy_dail")
+    params, log = opd_pair.train(cfg, data, spec, model_seed, name="toy_dail")
     train_s = time.time() - t0
     model_dir = os.path.join(out, "model")
     with tempfile.TemporaryDirectory() as tmp:  # write next to the old model, then swap
@@ -281,8 +281,8 @@ def build_toy_dail(out: str | os.PathLike, *, seed: int = 0, arch: toy_pair.Arch
         "command": command, "seed": seed, "init_seed": model_seed,
         "num_train_problems": num_train, "num_eval_problems": num_eval,
         "mix": mix, "resync": resync, "train_rows_per_context": {c: counts.get(c, 0) for c in CONTEXTS},
-        "templates": {"student": toy.TOY_STUDENT, "expert": toy.TOY_EXPERT, "hint": toy.TOY_HINT,
-                      "hint_text": toy.TOY_HINT_TEXT},
+        "templates": {"student": dail_problems.TOY_STUDENT, "expert": dail_problems.TOY_EXPERT, "hint": dail_problems.TOY_HINT,
+                      "hint_text": dail_problems.TOY_HINT_TEXT},
         "terse_keep": 3, "tokenizer": "copied from opdjax/assets/toy_pair/student",
         "vocab_size": len(tok), "sequence_length": int(data[0].shape[1]),
         "arch": dataclasses.asdict(arch), "train": dataclasses.asdict(spec),
@@ -316,7 +316,7 @@ def main(argv=None):
     resync = None
     if args.resync:
         resync = dict(zip(("expert", "hint"), (float(x) for x in args.resync.split(","))))
-    command = "python -m opdjax.models.toy_dail " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m opdjax.toy.dail_model " + " ".join(argv if argv is not None else sys.argv[1:])
     rec = build_toy_dail(args.out, seed=args.seed, spec=dataclasses.replace(TRAIN, steps=args.steps), mix=mix,
                          resync=resync,
                          num_train=args.num_train, num_eval=args.num_eval,

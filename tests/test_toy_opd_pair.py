@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opdjax.data import toy_task
+from opdjax.toy import arithmetic
 from opdjax.data.tokenizer import check_same_tokenizer, load_tokenizer
-from opdjax.models import hf_io, qwen, toy_pair
+from opdjax.models import hf_io, qwen
+from opdjax.toy import opd_pair
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return toy_pair.load_toy_pair()
+    return opd_pair.load_toy_pair()
 
 
 def test_shipped_pair_loads_and_shares_tokenizer(pair):
@@ -43,8 +44,8 @@ def test_shipped_teacher_matches_transformers(pair):
     transformers = pytest.importorskip("transformers")
     teacher = pair[0]
     tok = load_tokenizer(teacher)
-    problem = toy_task.make_problems(1, seed=0, split="eval")[0]
-    ids = toy_pair.encode_prompt(tok, problem["prompt"]) + tok.encode(problem["solution"], add_special_tokens=False)
+    problem = arithmetic.make_problems(1, seed=0, split="eval")[0]
+    ids = opd_pair.encode_prompt(tok, problem["prompt"]) + tok.encode(problem["solution"], add_special_tokens=False)
     params, cfg = hf_io.load_pretrained(teacher)
     ours, _ = qwen.forward(params, jnp.asarray([ids]), cfg)
     model = transformers.Qwen3ForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -54,23 +55,23 @@ def test_shipped_teacher_matches_transformers(pair):
 
 
 def test_teacher_beats_student_on_held_out(pair):
-    problems = toy_task.make_problems(32, seed=123, split="eval")
+    problems = arithmetic.make_problems(32, seed=123, split="eval")
     tok = load_tokenizer(pair[0])
     acc = {}
     for name, d in zip(("teacher", "student"), pair):
         params, cfg = hf_io.load_pretrained(d)
-        texts = toy_pair.generate_texts(params, cfg, tok, problems, batch_size=32)
-        acc[name] = np.mean([toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
+        texts = opd_pair.generate_texts(params, cfg, tok, problems, batch_size=32)
+        acc[name] = np.mean([arithmetic.is_correct(t, p["answer"]) for t, p in zip(texts, problems)])
     assert acc["teacher"] > acc["student"], acc
     assert acc["teacher"] >= 0.75, acc
 
 
 def test_sft_loss_mask_covers_solution_and_eos(pair):
     tok = load_tokenizer(pair[0])
-    problems = toy_task.make_problems(3, seed=0)
-    tokens, mask, loss_mask = toy_pair.encode_sft(tok, problems)
+    problems = arithmetic.make_problems(3, seed=0)
+    tokens, mask, loss_mask = opd_pair.encode_sft(tok, problems)
     for i, p in enumerate(problems):
-        prompt = toy_pair.encode_prompt(tok, p["prompt"])
+        prompt = opd_pair.encode_prompt(tok, p["prompt"])
         assert tokens[i, :len(prompt)].tolist() == prompt
         targets = tokens[i, 1:][loss_mask[i, :-1]].tolist()
         assert targets[-1] == tok.eos_token_id
@@ -78,15 +79,16 @@ def test_sft_loss_mask_covers_solution_and_eos(pair):
         assert mask[i].sum() == len(prompt) + len(targets)
 
 
+@pytest.mark.integration
 def test_build_runs_end_to_end_tiny(tmp_path):
     """A handful of steps on tiny models: the build script cannot rot. Also deterministic."""
-    arch = toy_pair.ArchSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+    arch = opd_pair.ArchSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                              intermediate_size=64)
-    spec = toy_pair.TrainSpec(steps=3, batch_size=8, warmup=1)
+    spec = opd_pair.TrainSpec(steps=3, batch_size=8, warmup=1)
     kw = dict(seed=5, teacher_arch=arch, student_arch=arch, teacher_train=spec,
               student_train=dataclasses.replace(spec, steps=2), num_train=64, num_eval=8)
-    rec = toy_pair.build_toy_pair(tmp_path / "a", **kw)
-    teacher, student = toy_pair.load_toy_pair(tmp_path / "a")
+    rec = opd_pair.build_toy_pair(tmp_path / "a", **kw)
+    teacher, student = opd_pair.load_toy_pair(tmp_path / "a")
     check_same_tokenizer(teacher, student)
     assert set(rec["models"]) == {"teacher", "student"}
     for m in rec["models"].values():
@@ -97,18 +99,18 @@ def test_build_runs_end_to_end_tiny(tmp_path):
     params, cfg = hf_io.load_pretrained(teacher)
     assert cfg.num_layers == 1 and cfg.vocab_size == rec["vocab_size"]
     # same seed -> same weights
-    toy_pair.build_toy_pair(tmp_path / "b", **kw, eval_temperature=False)
+    opd_pair.build_toy_pair(tmp_path / "b", **kw, eval_temperature=False)
     for name in ("teacher", "student"):
         assert filecmp.cmp(tmp_path / "a" / name / "model.safetensors",
                            tmp_path / "b" / name / "model.safetensors", shallow=False)
     # retraining only the student (the --only path) reproduces it and keeps the teacher
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     os.remove(tmp_path / "c" / "student" / "model.safetensors")
-    rec_c = toy_pair.build_toy_pair(tmp_path / "c", **kw, models=("student",))
+    rec_c = opd_pair.build_toy_pair(tmp_path / "c", **kw, models=("student",))
     assert rec_c["rebuilt_only"] == ["student"]
     assert rec_c["models"]["teacher"]["loss_log"] == rec["models"]["teacher"]["loss_log"]
     for name in ("teacher", "student"):
         assert filecmp.cmp(tmp_path / "a" / name / "model.safetensors",
                            tmp_path / "c" / name / "model.safetensors", shallow=False)
     with pytest.raises(FileNotFoundError):
-        toy_pair.load_toy_pair(tmp_path / "missing")
+        opd_pair.load_toy_pair(tmp_path / "missing")

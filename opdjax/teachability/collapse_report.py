@@ -12,12 +12,16 @@ Every number in report.md is read from the results dict that diagnosis.json hold
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from opdjax.teachability import pictures
 
@@ -25,8 +29,6 @@ GROUP_STYLE = {"all": ("black", "-"), "correct": ("tab:green", "--"), "incorrect
 
 
 def _figure(w, h):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -233,8 +235,6 @@ def write_markdown(out_dir, results: dict[str, Any], *, title: str = "teachabili
 
 def main(argv=None) -> int:
     """Re-render report.md from a diagnosis folder's diagnosis.json (after editing this module)."""
-    import argparse
-    import json
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("folder", help="a diagnosis folder (holds diagnosis.json)")
     p.add_argument("--title", default="teachability diagnosis")

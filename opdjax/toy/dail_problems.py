@@ -1,4 +1,4 @@
-"""DAIL on the embedded toy task (`opdjax.data.toy_task`): the "didactic" expert solutions, the
+"""DAIL on the embedded toy task (`opdjax.toy.arithmetic`): the "didactic" expert solutions, the
 three prompt templates, the landmarks hint and the demo's problem files.
 
 A toy problem's full solution spells out every step ("We start with 7. Adding 5 to 7 gives 12.
@@ -8,7 +8,7 @@ values (`terse_solution`), the way a textbook skips the steps its author finds o
 
     (7 + 5) x 3 = 36, 36 - 4 = 32. The answer is 32.
 
-The model M of the toy demo (`opdjax.models.toy_dail`) was trained to solve the problem in the
+The model M of the toy demo (`opdjax.toy.dail_model`) was trained to solve the problem in the
 student context and, better, to read numbers off such a reference in the expert context.
 
 Templates (one user turn, thinking off, rendered by `render`; placeholders replaced by plain
@@ -26,7 +26,7 @@ most new words letter by letter. TOY_HINT_TEXT is the config's default `hint.tex
 `toy_hint` builds the hint from the problem's own intermediate values (a simple local builder).
 The DAIL demo itself builds its hints with the general landmarks builder (`opdjax.dail.hints`)
 from the terse solution, as for any dataset; M was trained on both kinds of landmark lists (see
-`opdjax.models.toy_dail`), so either reads plausibly to it.
+`opdjax.toy.dail_model`), so either reads plausibly to it.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import os
 import re
 from typing import Any
 
-from opdjax.data import toy_task
+from opdjax.toy import arithmetic
+from opdjax.data.tokenizer import encode_chat
 
 TOY_STUDENT = "{problem}"
 TOY_EXPERT = "Reference: {solution}\n{problem}"
@@ -69,10 +70,10 @@ def terse_solution(problem: dict[str, Any], keep: int = 3) -> str:
     sentence is word for word the one a full solution has at that step, so a model that writes
     full solutions can read it off as it gets there. Deterministic: a function of (start, ops)
     only. It ends with the toy answer sentence "The answer is N.", which
-    `opdjax.data.grading.extract_answer` and `toy_task.extract_answer` read."""
+    `opdjax.data.grading.extract_answer` and `arithmetic.extract_answer` read."""
     if not isinstance(keep, int) or keep < 2:
         raise ValueError(f"keep={keep!r}: a terse solution keeps one operation in `keep` >= 2")
-    steps, k = toy_task.solution_steps(problem), len(problem["ops"])
+    steps, k = arithmetic.solution_steps(problem), len(problem["ops"])
     if len(steps) != k + 2 or k < 1:
         raise ValueError(f"problem {problem.get('prompt')!r}: {k} operations but {len(steps)} sentences")
     parts, last = [], 0
@@ -124,17 +125,16 @@ def hint_text(problem: dict[str, Any], hint: str | None = None) -> str:
 def render(tok, text: str) -> list[int]:
     """Prompt ids of one user turn, thinking off, with the generation prompt (how every toy
     context is fed to the model)."""
-    from opdjax.data.tokenizer import encode_chat
 
     return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True,
                        enable_thinking=False)
 
 
 def demo_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, str]]:
-    """DAIL problem records {id, problem, solution (terse), answer} of `toy_task.make_problems`."""
+    """DAIL problem records {id, problem, solution (terse), answer} of `arithmetic.make_problems`."""
     return [{"id": f"toy-{split}-{seed}-{i}", "problem": p["prompt"], "solution": terse_solution(p),
              "answer": str(p["answer"])}
-            for i, p in enumerate(toy_task.make_problems(n, seed, split))]
+            for i, p in enumerate(arithmetic.make_problems(n, seed, split))]
 
 
 def write_demo_problems(path: str | os.PathLike, n: int, seed: int = 0, split: str = "train") -> list[dict]:

@@ -1,4 +1,4 @@
-"""opdjax.dail.data: problems with expert solutions from JSONL, Parquet and datasets directories."""
+"""opdjax.dail.expert_problems: problems with expert solutions from JSONL, Parquet and datasets directories."""
 from __future__ import annotations
 
 import gzip
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from opdjax.dail.data import ExpertProblem, load_expert_problems
+from opdjax.dail.expert_problems import ExpertProblem, load_expert_problems
 from opdjax.data.prompts import PromptDataError
 
 RECORDS = [

@@ -1,8 +1,8 @@
 """The embedded demo's toy teacher/student pair: two real Qwen3 checkpoints (Hugging Face format,
-one shared tokenizer) trained from scratch on `opdjax.data.toy_task`, shipped in
+one shared tokenizer) trained from scratch on `opdjax.toy.arithmetic`, shipped in
 `opdjax/assets/toy_pair/{teacher,student}` and rebuilt by
 
-    python -m opdjax.models.toy_pair --out DIR [--seed 0] [--teacher-steps N] [--student-steps N]
+    python -m opdjax.toy.opd_pair --out DIR [--seed 0] [--teacher-steps N] [--student-steps N]
 
 Training is supervised next-token cross-entropy on the chat-rendered prompt (exactly
 `encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from opdjax.data import toy_task
+from opdjax.toy import arithmetic
 from opdjax.data.tokenizer import build_toy_tokenizer, check_same_tokenizer, encode_chat, load_tokenizer
 from opdjax.models import hf_io, qwen
 from opdjax.models.config import ModelConfig
+from opdjax.rollout.decode import decode
 from opdjax.rollout.greedy import greedy_generate
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_pair")
@@ -85,7 +86,7 @@ def load_toy_pair(dir: str | os.PathLike | None = None) -> tuple[str, str]:
     for d in (teacher, student):
         if not os.path.isfile(os.path.join(d, "config.json")):
             raise FileNotFoundError(f"No toy checkpoint at {d}: build it with "
-                                    f"`python -m opdjax.models.toy_pair --out {root}`.")
+                                    f"`python -m opdjax.toy.opd_pair --out {root}`.")
     return teacher, student
 
 
@@ -203,28 +204,15 @@ def train(cfg: ModelConfig, data, spec: TrainSpec, seed: int, log_every: int = 1
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def sample_generate(params, prompt, prompt_mask, cfg: ModelConfig, key, *, max_new_tokens: int,
                     eos_id, temperature, pad_id: int = 0):
-    """Like greedy_generate, sampling at `temperature` (> 0) instead of the argmax."""
-    B, P = prompt.shape
-    cache = qwen.init_cache(cfg, B, P + max_new_tokens, jax.tree.leaves(params)[0].dtype)
-    hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache)
-    last_idx = P - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
-    last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
-    key, sub = jax.random.split(key)
-    first = jax.random.categorical(sub, qwen.logits_from_hidden(params, last) / temperature).astype(prompt.dtype)
-
-    def step(carry, _):
-        cache, token, done, key = carry
-        emitted = jnp.where(done, pad_id, token)
-        real = ~done
-        done = done | (token == eos_id)
-        logits, cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=cache)
+    """Like greedy_generate, sampling at `temperature` (> 0) instead of the argmax. Each step
+    splits the carried key (the shipped BUILD.json's sampled evaluation was drawn this way)."""
+    def choose(i, logits, key):
         key, sub = jax.random.split(key)
-        nxt = jax.random.categorical(sub, logits[:, 0] / temperature).astype(token.dtype)
-        return (cache, nxt, done, key), (emitted, real)
+        return jax.random.categorical(sub, logits[0] / temperature).astype(prompt.dtype), (), key
 
-    _, (tokens, real) = jax.lax.scan(step, (cache, first, jnp.zeros((B,), bool), key), None,
-                                     length=max_new_tokens)
-    return tokens.T, real.T
+    tokens, mask, _ = decode(params, [(prompt, prompt_mask)], cfg, choose, key, max_new_tokens=max_new_tokens,
+                             stop_ids=eos_id, pad_id=pad_id)
+    return tokens, mask
 
 
 def generate_from_ids(params, cfg: ModelConfig, tok, prompts: list[list[int]], *, temperature: float = 0.0,
@@ -272,20 +260,20 @@ def evaluate(params, cfg: ModelConfig, tok, problems: list[dict], *, temperature
     relative to the solution's length, in fifths) over `problems`."""
     texts = generate_texts(params, cfg, tok, problems, temperature=temperature, seed=seed,
                            batch_size=batch_size, max_new_tokens=max_new_tokens)
-    correct = [toy_task.is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
-    fws = [toy_task.first_wrong_step(t, p) for t, p in zip(texts, problems)]
+    correct = [arithmetic.is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
+    fws = [arithmetic.first_wrong_step(t, p) for t, p in zip(texts, problems)]
     hist = collections.Counter("none" if f is None else str(f) for f in fws)
     rel = collections.Counter()
     for f, p in zip(fws, problems):
         if f is not None:  # fraction of the way through the solution's sentences, 0..1
-            rel[f"{min(f / (toy_task.num_steps(p) - 1), 1.0):.1f}"] += 1
+            rel[f"{min(f / (arithmetic.num_steps(p) - 1), 1.0):.1f}"] += 1
     wrong = [f for f in fws if f is not None]
     return {
         "n": len(problems), "accuracy": float(np.mean(correct)),
         "exact_solution": float(np.mean([f is None for f in fws])),
         "first_wrong_step_hist": dict(sorted(hist.items())),
         "first_wrong_step_relative_hist": dict(sorted(rel.items())),
-        "first_wrong_step_mean_relative": (float(np.mean([min(f / (toy_task.num_steps(p) - 1), 1.0)
+        "first_wrong_step_mean_relative": (float(np.mean([min(f / (arithmetic.num_steps(p) - 1), 1.0)
                                                           for f, p in zip(fws, problems) if f is not None]))
                                            if wrong else None),
         "examples": [{"prompt": p["prompt"], "output": t, "first_wrong_step": f}
@@ -315,8 +303,8 @@ def build_toy_pair(out: str | os.PathLike, *, seed: int = 0, teacher_arch: ArchS
         if previous.get("seed") != seed:
             raise ValueError(f"{out}/BUILD.json was built with seed {previous.get('seed')}, not {seed}")
     os.makedirs(out, exist_ok=True)
-    train_problems = toy_task.make_problems(num_train, seed, "train")
-    eval_problems = toy_task.make_problems(num_eval, seed, "eval")
+    train_problems = arithmetic.make_problems(num_train, seed, "train")
+    eval_problems = arithmetic.make_problems(num_eval, seed, "eval")
     tok_dir = os.path.join(out, "tokenizer")
     build_toy_tokenizer(tok_dir, corpus=tokenizer_corpus(train_problems[:4000]), vocab_size=vocab_size)
     tok = load_tokenizer(tok_dir)
@@ -382,7 +370,7 @@ def main(argv=None):
         i = args_list.index("--only") if "--only" in args_list else None
         args_list = ([a for a in args_list if not a.startswith("--only=")] if i is None
                      else args_list[:i] + args_list[i + 2:])
-    command = "python -m opdjax.models.toy_pair " + " ".join(args_list)
+    command = "python -m opdjax.toy.opd_pair " + " ".join(args_list)
     rec = build_toy_pair(args.out, seed=args.seed,
                          teacher_train=dataclasses.replace(TEACHER_TRAIN, steps=args.teacher_steps),
                          student_train=dataclasses.replace(STUDENT_TRAIN, steps=args.student_steps),

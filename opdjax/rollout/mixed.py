@@ -1,4 +1,5 @@
-"""DAIL's mixed rollout (DAIL.md, step 1): one set of weights M, two contexts, one generated text.
+"""DAIL's mixed rollout (DAIL.md, step 1), a sampler variant: one set of weights M, two contexts,
+one generated text (the decode loop of `rollout.decode` over two KV caches).
 
 Each row carries two KV caches over the same weights: the *student context* (the problem alone)
 and the *expert context* (the problem plus the expert solution as a reference). Every step both
@@ -29,9 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
-from opdjax.rollout.greedy import last_real_index
+from opdjax.rollout.decode import decode
 from opdjax.rollout.sampler import SamplingSettings, sampling_logits
 from opdjax.sharding import ShardingPlan
 
@@ -126,24 +126,6 @@ def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.A
     return token.astype(jnp.int32), ~any_accepted
 
 
-def _prefill(params, prompt, prompt_mask, cfg, size, dtype, plan, samples):
-    """Prefill each distinct prompt once, then give each of its `samples` rows a copy of the cache
-    (row u * samples + j is sample j of prompt u): the samples of one problem share their context,
-    so prefilling them separately would redo the same work `samples` times."""
-    cache = qwen.init_cache(cfg, prompt.shape[0], size, dtype)
-    hidden, cache = qwen.apply(params, prompt, cfg, mask=prompt_mask, cache=cache, plan=plan)
-    last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)[:, 0]
-    logits = qwen.logits_from_hidden(params, last)
-    if samples > 1:
-        rep = lambda x, axis: jnp.repeat(x, samples, axis=axis)  # noqa: E731
-        cache = qwen.KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.valid, 0), cache.index,
-                             rep(cache.next_pos, 0))
-        if plan is not None:
-            cache = cache._replace(k=plan.constrain(cache.k, qwen.CACHE_AXES), v=plan.constrain(cache.v, qwen.CACHE_AXES))
-        logits = rep(logits, 0)
-    return logits, cache
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "pad_id", "plan", "samples"))
 def mixed_rollout(params, student_prompt: jax.Array, student_mask: jax.Array, expert_prompt: jax.Array,
                   expert_mask: jax.Array, key: jax.Array, cfg: ModelConfig, settings: MixedSettings, *,
@@ -152,35 +134,14 @@ def mixed_rollout(params, student_prompt: jax.Array, student_mask: jax.Array, ex
     right-padded prompts of any two lengths). Stops once every row has emitted a stop token.
 
     samples: rows per prompt row; the outputs have prompt rows x samples rows, sample j of prompt
-    u at row u * samples + j (the same as passing each prompt row repeated `samples` times)."""
-    N = settings.max_new_tokens
-    B = student_prompt.shape[0] * samples
-    dtype = settings.cache_dtype or jax.tree.leaves(params)[0].dtype
-    s_logits, s_cache = _prefill(params, student_prompt, student_mask, cfg, student_prompt.shape[1] + N, dtype, plan,
-                                 samples)
-    e_logits, e_cache = _prefill(params, expert_prompt, expert_mask, cfg, expert_prompt.shape[1] + N, dtype, plan,
-                                 samples)
-    first = choose_mixed(s_logits, e_logits, jax.random.fold_in(key, 0), settings)
-    stop = jnp.asarray(settings.stop_ids, jnp.int32)
-    bufs = (jnp.full((N, B), pad_id, jnp.int32), jnp.zeros((N, B), bool), jnp.zeros((N, B), bool))
+    u at row u * samples + j (the same as passing each prompt row repeated `samples` times; each
+    prompt is prefilled once)."""
+    def choose(i, logits, state):
+        token, from_expert = choose_mixed(logits[0], logits[1], jax.random.fold_in(key, i), settings)
+        return token, (from_expert,), state
 
-    def cond(carry):
-        i, *_, done, _ = carry
-        return (i < N) & ~jnp.all(done)
-
-    def body(carry):
-        i, s_cache, e_cache, (token, from_expert), done, bufs = carry
-        real = ~done
-        emitted = jnp.where(real, token, pad_id)
-        done = done | jnp.isin(token, stop)
-        bufs = tuple(jax.lax.dynamic_update_index_in_dim(b, r, i, axis=0)
-                     for b, r in zip(bufs, (emitted, real, from_expert & real)))
-        s_logits, s_cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=s_cache, plan=plan)
-        e_logits, e_cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=e_cache, plan=plan)
-        nxt = choose_mixed(s_logits[:, 0], e_logits[:, 0], jax.random.fold_in(key, i + 1), settings)
-        return i + 1, s_cache, e_cache, nxt, done, bufs
-
-    carry = (jnp.zeros((), jnp.int32), s_cache, e_cache, first, jnp.zeros((B,), bool), bufs)
-    *_, bufs = jax.lax.while_loop(cond, body, carry)
-    tokens, mask, from_expert = (b.swapaxes(0, 1) for b in bufs)
+    tokens, mask, (from_expert,) = decode(
+        params, [(student_prompt, student_mask), (expert_prompt, expert_mask)], cfg, choose, (),
+        max_new_tokens=settings.max_new_tokens, stop_ids=settings.stop_ids, record_pads=(False,), pad_id=pad_id,
+        plan=plan, cache_dtype=settings.cache_dtype, samples=samples)
     return MixedRollout(tokens, mask, from_expert)
