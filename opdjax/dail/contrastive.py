@@ -210,7 +210,7 @@ def contrastive_loss(student_params, ref_params, batch: AlignedBatch, cfg, *, ga
         raise ValueError(f"dail.train.divergence={divergence!r} is not a divergence; choose one of "
                          f"{', '.join(DIVERGENCES)} (reverse = KL(student || ref), forward = KL(ref || student))")
     if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
-        raise ValueError(f"dail.train.chunk_tokens={chunk_tokens!r} must be an int >= 1")
+        raise ValueError(f"config.loss.chunk_tokens={chunk_tokens!r} must be an int >= 1")
     clip = jnp.asarray(negative_clip, jnp.float32)  # may be traced (one program for every clip)
     student_apply = student_apply or _default_apply(cfg, plan, remat)
     # The reference is never differentiated, so rematerialising its layers would only cost time.

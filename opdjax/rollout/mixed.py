@@ -49,7 +49,7 @@ class MixedSettings:
 
     def check(self, vocab_size: int, section: str = "synthesis") -> "MixedSettings":
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"config.{section}.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1.")
+            raise ValueError(f"config.rollout.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1.")
         if not 0.0 <= float(self.accept_threshold) <= 1.0:
             raise ValueError(f"config.{section}.accept_threshold={self.accept_threshold!r} must be in [0, 1] "
                              "(0 = student only, 1 = expert only).")
@@ -70,7 +70,7 @@ class MixedSettings:
             raise ValueError(f"config.{section}.top_n={self.top_n} plus {len(self.banned_ids)} banned ids exceed the "
                              f"vocabulary ({vocab_size}).")
         if self.cache_dtype not in ("", "float32", "bfloat16"):
-            raise ValueError(f"config.{section}.cache_dtype={self.cache_dtype!r}: choose '', float32 or bfloat16.")
+            raise ValueError(f"config.rollout.cache_dtype={self.cache_dtype!r}: choose '', float32 or bfloat16.")
         return self
 
     @property

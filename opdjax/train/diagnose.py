@@ -9,7 +9,7 @@ student samples `rollout.samples_per_prompt` answers to each of the first `diagn
 prompts, the teacher scores them, the responses are split into sentences: the OPD step's own
 code (opd.rollout_and_score). No parameter is updated. The per-token arrays are saved
 (workdir/diagnosis/arrays.npz) and the statistics are computed from them
-(teachability.diagnosis), then drawn and written (teachability.diagnosis_report):
+(teachability.collapse_stats), then drawn and written (teachability.collapse_report):
     diagnosis.json   every number, the verdict, the timings
     report.md        the verdict paragraph, tables, pictures
     per_rollout.npz  the per-rollout statistics of every variant
