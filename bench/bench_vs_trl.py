@@ -175,7 +175,8 @@ def main(argv=None):
     res.update(rows=res["ours"][arms[0]]["rows"], prompt_columns=res["ours"][arms[0]]["prompt_columns"],
                max_new_tokens=res["ours"][arms[0]]["max_new_tokens"])
     first = res["ours"][arms[0]]
-    del h.state, h.teacher_params  # free memory before torch loads its copies
+    del h.state  # free memory before torch loads its copies
+    h.job.teacher_params = None
     res["trl"] = run_trl(args, pair, h, first)
     for arm in arms[1:]:
         _, res["ours"][arm] = run_ours(args, pair, arm)

@@ -214,14 +214,6 @@ class OPDHarness:
         self.student_cfg, self.teacher_cfg = self.job.student_cfg, self.job.teacher_cfg
 
     @property
-    def teacher_params(self):
-        return self.job.teacher_params
-
-    @teacher_params.deleter
-    def teacher_params(self):
-        self.job.teacher_params = None
-
-    @property
     def rows_log(self):
         """The prompt rows of every step (for the TRL side)."""
         return [r["prompts"] for r in self.job.rows_log]

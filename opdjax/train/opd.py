@@ -54,12 +54,12 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- set-up
-class EncodedPrompts(collections.abc.Sequence):
-    """Prompt ids of the first `limit` problems of a ProblemSet, each read, encoded and kept when
-    first asked for: on a pod a process reads and encodes only the rows it feeds (eval, diagnosis)."""
+class _LazyPrefix(collections.abc.Sequence):
+    """A view of the first `limit` problems of a ProblemSet whose item i is `self._item(problem i)`,
+    computed when first asked for: on a pod a process reads only the rows it feeds."""
 
-    def __init__(self, encode, problems, limit: int | None = None):
-        self._encode, self._problems, self._ids = encode, problems, {}
+    def __init__(self, problems, limit: int | None = None):
+        self._problems, self._cache = problems, {}
         self._len = len(problems) if limit is None else min(int(limit), len(problems))
 
     def __len__(self):
@@ -71,26 +71,25 @@ class EncodedPrompts(collections.abc.Sequence):
         i = int(i)
         if not 0 <= i < self._len:
             raise IndexError(i)
-        if i not in self._ids:
-            self._ids[i] = self._encode([self._problems[i]])[0]
-        return self._ids[i]
+        if i not in self._cache:
+            self._cache[i] = self._item(self._problems[i])
+        return self._cache[i]
 
 
-class Answers(collections.abc.Sequence):
-    """The answers of the first `limit` problems of a ProblemSet, read when asked for."""
+class EncodedPrompts(_LazyPrefix):
+    """Prompt ids of the first `limit` problems, each read and encoded once (eval, diagnosis)."""
+
+    def __init__(self, encode, problems, limit: int | None = None):
+        super().__init__(problems, limit)
+        self._item = lambda problem: encode([problem])[0]
+
+
+class Answers(_LazyPrefix):
+    """The answers of the first `limit` problems, read when asked for."""
 
     def __init__(self, problems, limit: int):
-        self._problems, self._len = problems, min(int(limit), len(problems))
-
-    def __len__(self):
-        return self._len
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not 0 <= int(i) < self._len:
-            raise IndexError(i)
-        return self._problems[int(i)].answer
+        super().__init__(problems, limit)
+        self._item = lambda problem: problem.answer
 
 
 @dataclasses.dataclass
