@@ -34,9 +34,10 @@ def get_config(arg=None):
     c.data.max_prompt_tokens = 256
     c.hint.text = dail_problems.TOY_HINT_TEXT
     c.hint.text_no_landmarks = dail_problems.TOY_HINT_TEXT_NO_LANDMARKS
+    c.hint.order = "appearance"  # the toy model was trained on hints in the solution's order
 
     c.rollout.max_new_tokens = 96
-    c.synthesis.accept_threshold = 0.5
+    c.synthesis.accept_threshold = 0.8  # the authors' tau for a non-reasoning recipe (the per-recipe default)
     c.synthesis.top_n = 20
     c.synthesis.retries = 5
     c.synthesis.num_samples = 8

@@ -35,10 +35,14 @@ def get_config(arg=None):
 
     c.data.problems = ""
     c.prompts.enable_thinking = False  # no thinking mode in Qwen2.5 (its template ignores the switch)
+    # ours: 2048 (as configs/dail_train_qwen2p5_7b.py, whose contexts must match); the authors allow
+    # 16,000, which the synthesis estimate fits too (39.5 GiB per chip of 95). A longer
+    # multi-solution reference loses trailing solutions (prompts.reference_cut, recorded per trace).
     c.data.max_prompt_tokens = 2048
 
     c.rollout.max_new_tokens = 2048  # the paper's Qwen2.5-Instruct traces
-    c.synthesis.accept_threshold = 0.5
+    c.synthesis.accept_threshold = 0.8  # the authors' tau for a non-reasoning recipe (the per-recipe default)
+    c.synthesis.selection = "auto"  # graded here: the first trace whose answer matches (authors)
     c.synthesis.num_samples = 32
     c.synthesis.ban_tokens = ()
     c.synthesis.problems_per_batch = 1

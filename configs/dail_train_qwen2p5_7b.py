@@ -51,6 +51,8 @@ def get_config(arg=None):
     c.eval.samples = 128
     c.eval.temperature = 0.6
     c.eval.top_p = 0.95
-    c.eval.budgets = (2048,)
+    # authors' code: eval/eval_array.sbatch, MAX_TOKENS=4096 for Qwen2.5-7B-Instruct (thinking off: the
+    # budget bounds the whole response; a sample without an answer is forced, up to 100 more tokens)
+    c.eval.budgets = (4096,)
     c.eval.forced_answer = "\n\nThe final answer is \\boxed{"
     return runlocal(c) if schema.runlocal_arg(arg) else c

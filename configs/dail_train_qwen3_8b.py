@@ -55,5 +55,7 @@ def get_config(arg=None):
     c.eval.samples = 128
     c.eval.temperature = 0.6
     c.eval.top_p = 0.95
+    # authors' code: eval/run_eval_dataset_reasoning.sh, MAX_TOKENS=(512 1024 2048 4096) thinking tokens
+    # (thinking on: generation stops at </think>, then every sample gets the forced answer)
     c.eval.budgets = (512, 1024, 2048, 4096)
     return runlocal(c) if schema.runlocal_arg(arg) else c

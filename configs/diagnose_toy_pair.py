@@ -6,7 +6,8 @@ rollouts, more often than chance? No training.
 
 64 rollouts (16 toy arithmetic prompts x 4 samples, up to 512 new tokens), every margin
 variant, plain BIC and permutation calibration (P=200). Writes runs/diagnose_toy_pair/diagnosis/
-report.md (+ PNGs, diagnosis.json, arrays.npz). Time on the 2-core CI CPU: see the README.
+report.md (+ PNGs, diagnosis.json, arrays.npz) and release_settings.json, the recommended
+release.margin / release.calibration that a training config reads with release.from_diagnosis. Time on the 2-core CI CPU: see the README.
 """
 import os
 

@@ -1,12 +1,14 @@
 """The embedded demo (the README's main command): release-rule OPD vs full-trajectory OPD on the
 shipped toy teacher/student pair, from the same student, with a report.
 
-    python launch/tpu_run.py --config configs/opd_demo.py       # about 8 min on a 2-core CPU
+    python launch/tpu_run.py --config configs/opd_demo.py       # about 5 min on a 2-core CPU
 
 The pair (opdjax/assets/toy_pair, rebuilt by `python -m opdjax.toy.opd_pair`) are real
 Qwen3-architecture HF checkpoints trained on multi-step arithmetic whose answers are one
-sentence per step; the weak student tends to go wrong late. Writes runs/opd_demo/report.md
-(+ .html, accuracy.png, curves.png, per-arm pictures/ with release-rule trajectories).
+sentence per step; the weak student tends to go wrong late. Diagnoses the pair first
+(runs/opd_demo/diagnosis/, compare.diagnose_first) and trains with the release settings it
+recommends. Writes runs/opd_demo/report.md (+ .html, accuracy.png, curves.png, per-arm pictures/
+with release-rule trajectories).
 `--config.train.steps=2 --config.eval.num_problems=8` shrinks it to a one-minute check.
 """
 import os
@@ -54,4 +56,13 @@ def get_config(arg=None):
     c.checkpoint.every = 50
     c.metrics.pictures_every = 50
     c.compare.arms = ("bic", "full")
+    # Diagnose first (workdir/diagnosis, ~20 s on a 2-core CPU), then train every arm with the
+    # release.margin / release.calibration it recommends (release.from_diagnosis). The diagnosis
+    # samples with this config's rollout section: 16 prompts x 4 samples as in
+    # configs/diagnose_toy_pair.py; at 96 new tokens no toy rollout is cut (the longest is 87),
+    # so it is the same 64 rollouts and verdict as that config's 512 (ours: measured, README).
+    c.compare.diagnose_first = True
+    c.diagnose.num_prompts = 16
+    c.diagnose.examples = 3
+    c.release.permutations = 200  # the diagnosis' reorderings, and the rule's if it recommends permutation
     return c

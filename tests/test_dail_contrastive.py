@@ -111,8 +111,16 @@ def test_check_aligned_catches_a_shift():
     batch = C.align([[1, 2, 3]], [[4, 5]], [[6]], [[7, 8, 9]], pad_id=PAD)
     C.check_aligned(batch)
     bad = batch._replace(positions_expert=batch.positions_expert + 1 * batch.response_mask)
-    with pytest.raises(AssertionError, match="expert"):
-        C.check_aligned(bad)
+    with pytest.raises(C.AlignmentError, match="trace q9: the expert context does not predict response token 0"):
+        C.check_aligned(bad, ["q9"])
+    # a response id changed in one context only (as a re-tokenised response would)
+    tokens = batch.tokens_hint.copy()
+    tokens[0, 1 + 2] = 99  # hint prompt [6], response [7, 8, 9]: response index 2
+    with pytest.raises(C.AlignmentError, match=r"trace row 0: the hint context .* token 2 \(id 9\).*another token"):
+        C.check_aligned(batch._replace(tokens_hint=tokens))
+    short = batch._replace(mask_student=np.zeros_like(batch.mask_student))
+    with pytest.raises(C.AlignmentError, match="student context .* lands on padding"):
+        C.check_aligned(short)
 
 
 # ----------------------------------------------------------------------------- loss: references

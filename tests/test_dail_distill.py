@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -142,3 +143,156 @@ def test_bad_traces_are_named(traces, tmp_path):
     c = _config(d, "div", **{"train.traces": str(bad), "train.divergence": "sideways"})
     with pytest.raises(ValueError, match="train.divergence"):
         distill.run(c)
+
+
+# ----------------------------------------------------------------------------- loss normalisation
+
+def _tiny_aligned(lengths, seed=0):
+    """An aligned batch of random traces with the given response lengths, and a tiny model."""
+    from opdjax.dail import contrastive
+    cfg = ModelConfig("qwen3", vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+    rs = np.random.RandomState(seed)
+    prompts = [[rs.randint(1, 40, rs.randint(2, 6)).tolist() for _ in lengths] for _ in range(3)]
+    responses = [rs.randint(1, 40, n).tolist() for n in lengths]
+    batch = contrastive.align(*prompts, responses, pad_id=0, length_multiple=4)
+    return cfg, batch
+
+
+def test_take_rows_coefficients_closed_form():
+    """Per-sequence: 1 / (row length x real rows); token mean: 1 / (step tokens); a top-up row (-1)
+    weighs nothing and is not counted as a trace."""
+    _, batch = _tiny_aligned([3, 1, 5, 2])
+    rows = np.array([2, 0, -1, 1])  # lengths 5, 3, (top-up), 1
+    picked, seq = distill.take_rows(batch, rows, "per_sequence")
+    _, tok = distill.take_rows(batch, rows, "kept_tokens")
+    want_seq = np.zeros(seq.shape)
+    want_tok = np.zeros(seq.shape)
+    for b, n in enumerate((5, 3, 0, 1)):
+        if n:
+            want_seq[b, :n] = 1 / (n * 3)
+            want_tok[b, :n] = 1 / 9
+    np.testing.assert_allclose(seq, want_seq, rtol=1e-7)
+    np.testing.assert_allclose(tok, want_tok, rtol=1e-7)
+    assert not picked.response_mask[2].any()
+    assert seq.sum() == pytest.approx(1.0) and tok.sum() == pytest.approx(1.0)
+
+
+def test_per_sequence_loss_is_the_mean_of_the_traces_means_and_adds_up_over_microbatches():
+    """Closed form: with per_sequence coefficients the step loss (and its gradient) is the plain
+    average over traces of each trace's own token-mean loss (each computed alone, with the default
+    coefficients); and splitting the step into microbatches, each with its rows of the step's
+    coefficients, gives the same loss and gradient summed."""
+    from opdjax.dail import contrastive
+    lengths = [7, 2, 4, 1]
+    cfg, batch = _tiny_aligned(lengths, seed=3)
+    student = qwen.init_params(cfg, jax.random.key(1), std=0.5)
+    ref = qwen.init_params(cfg, jax.random.key(2), std=0.5)
+    picked, coeff = distill.take_rows(batch, np.arange(4), "per_sequence")
+    kw = dict(gamma=0.1, chunk_tokens=3, remat=False)
+
+    def loss(params, b, c=None):
+        return contrastive.contrastive_loss(params, ref, b, cfg, coeff=c, **kw)[0]
+
+    whole, g_whole = jax.value_and_grad(loss)(student, picked, coeff)
+    rows_alone = [jax.value_and_grad(loss)(student, jax.tree.map(lambda x: x[i:i + 1], picked)) for i in range(4)]
+    assert float(whole) == pytest.approx(np.mean([float(v) for v, _ in rows_alone]), rel=2e-6)
+    mean_grad = jax.tree.map(lambda *g: sum(g) / 4, *[g for _, g in rows_alone])
+    for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(mean_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    # the token mean weighs the long trace more: a different number on traces of unequal lengths
+    _, tok_coeff = distill.take_rows(batch, np.arange(4), "kept_tokens")
+    by_tokens = float(loss(student, picked, tok_coeff))
+    want = sum(n * float(v) for n, (v, _) in zip(lengths, rows_alone)) / sum(lengths)
+    assert by_tokens == pytest.approx(want, rel=2e-6) and abs(by_tokens - float(whole)) > 1e-4
+    # microbatches: rows [0, 1] and [2, 3] with their rows of the step's coefficients
+    parts = [jax.value_and_grad(loss)(student, jax.tree.map(lambda x: x[s], picked), coeff[s])
+             for s in (slice(0, 2), slice(2, 4))]
+    assert float(sum(v for v, _ in parts)) == pytest.approx(float(whole), rel=2e-6)
+    summed = jax.tree.map(lambda a, b: a + b, parts[0][1], parts[1][1])
+    for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(summed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_loss_normalize_is_checked_and_defaults_to_the_authors():
+    assert dail_config().loss.normalize == "per_sequence"
+    from opdjax.train.validate import validate_dail_train
+    c = dail_config()
+    c.loss.normalize = "per_token"
+    with pytest.raises(ValueError, match="config.loss.normalize='per_token'"):
+        validate_dail_train(c, num_devices=1)
+
+
+# ----------------------------------------------------------------------------- contexts match synthesis
+
+def test_synthesis_stores_the_rendering_settings(traces):
+    from opdjax.dail import prompts
+    from opdjax.data.tokenizer import load_tokenizer
+    d, path = traces
+    stored = json.loads(open(prompts.settings_path(path)).read())
+    assert prompts.settings_path(path).endswith("traces.settings.json")
+    c = _config(d, "syn")
+    assert stored == json.loads(json.dumps(prompts.rendered_context_settings(c, load_tokenizer(str(d / "model")))))
+    compared = stored["compared"]
+    assert compared["prompts.student"] == "{problem}" and compared["prompts.enable_thinking"] is False
+    assert compared["prompts.expert"] == "{problem}\nReference: {solution}" and compared["prompts.system"] == ""
+    assert len(compared["tokenizer.sha256"]) == 64 and "hint.text" in stored["recorded"]
+
+
+def test_training_refuses_other_rendering_settings(traces):
+    d, path = traces
+    c = _config(d, "mismatch", **{"train.traces": path, "prompts.enable_thinking": True, "prompts.system": "Be brief."})
+    with pytest.raises(ValueError) as e:
+        distill.run(c)
+    msg = str(e.value)
+    assert "prompts.enable_thinking: synthesis False vs training True" in msg
+    assert "prompts.system: synthesis '' vs training 'Be brief.'" in msg
+    assert "Set these config fields to the synthesis values" in msg and "prompts.student" not in msg
+
+
+def test_tokenizer_hash_and_missing_settings(traces, tmp_path, caplog):
+    from opdjax.dail import prompts
+    from opdjax.data.tokenizer import load_tokenizer
+    from opdjax.errors import ConfigError
+    d, path = traces
+    c = _config(d, "x")
+    other = build_toy_tokenizer(tmp_path / "tok2", vocab_size=VOCAB + 8)  # another vocabulary
+    with pytest.raises(ConfigError, match=r"tokenizer.sha256: synthesis '[0-9a-f]{64}' vs training '[0-9a-f]{64}'"):
+        prompts.check_context_settings(path, prompts.rendered_context_settings(c, other))
+    same = prompts.rendered_context_settings(c, load_tokenizer(str(d / "model")))
+    prompts.check_context_settings(path, same)  # the synthesis's own settings pass
+    old = tmp_path / "old.jsonl"  # an older synthesis: no settings file
+    shutil.copy(path, old)
+    with pytest.raises(ConfigError, match="no settings file .*old.settings.json.*require_context_settings=False"):
+        prompts.check_context_settings(str(old), same)
+    with caplog.at_level("WARNING"):
+        prompts.check_context_settings(str(old), same, require=False)
+    assert "UNCHECKED TRACES" in caplog.text
+    # a resumed synthesis with other settings would mix two prompt settings in one file
+    changed = json.loads(json.dumps(same))
+    changed["compared"]["prompts.hint"] = "{problem} {hint}"
+    with pytest.raises(ValueError, match="prompts.hint: synthesis .* vs now .*choose another config.synthesis.output"):
+        prompts.write_context_settings(path, changed, write=False, resumed=True)
+
+
+def test_training_runs_the_alignment_check_on_every_trace(traces, monkeypatch):
+    """encode_traces (the trainer's start-up) checks every trace's three tokenisations; a batch that
+    does not align (here: align made to shift the hint context) is refused, naming the trace."""
+    from opdjax.dail import contrastive
+    from opdjax.data.tokenizer import load_tokenizer
+    d, path = traces
+    c = _config(d, "x")
+    tok = load_tokenizer(str(d / "model"))
+    recs = distill.load_traces(path)
+    real_align = contrastive.align
+
+    def shifted(*args, **kw):
+        b = real_align(*args, **kw)
+        second = (np.arange(len(b.response)) == 1)[:, None]  # trace #1 only
+        return b._replace(positions_hint=b.positions_hint + (b.response_mask & second).astype(np.int32))
+
+    distill.encode_traces(recs, tok, c.prompts, tok.eos_token_id, pad_id=0, max_prompt_tokens=256)  # aligned: fine
+    monkeypatch.setattr(contrastive, "align", shifted)
+    with pytest.raises(contrastive.AlignmentError,
+                       match=re.escape(f"trace {recs[1][0]}: the hint context does not predict response token 0")):
+        distill.encode_traces(recs, tok, c.prompts, tok.eos_token_id, pad_id=0, max_prompt_tokens=256)

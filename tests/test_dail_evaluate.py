@@ -74,9 +74,9 @@ def test_choice_curves_shuffle_and_grade_letters(monkeypatch):
     seen = {}
 
     def fake(params, cfg, tokenizer, rows, **kw):
-        seen["rows"], seen["key"] = rows, kw["key"]
+        seen["rows"], seen["key"], seen["kw"] = rows, kw["key"], kw
         return BudgetResult(["I pick... \\boxed{A}"] * len(rows), [[1]] * len(rows), np.zeros(len(rows), bool),
-                            np.full(len(rows), 7))
+                            np.full(len(rows), 7), np.zeros(len(rows), bool))
 
     monkeypatch.setattr(evaluate, "generate_with_budget", fake)
     problems = [ChoiceProblem(str(i), f"q{i}", ("right", "w1", "w2", "w3"), 0) for i in range(40)]
@@ -93,7 +93,11 @@ def test_choice_curves_shuffle_and_grade_letters(monkeypatch):
     assert entry["pass_at_k"][1] == pytest.approx(want) and entry["pass_at_k"][2] == pytest.approx(want)
     assert [p["answer"] for p in summary["problems"]] == letters
     assert len(seen["rows"]) == 80 and texts[0].startswith("q0\n\nA) ") and "\\boxed{" in texts[0]
-    assert entry["mean_thinking_tokens"] == 7 and entry["forced_share"] == 0
+    assert entry["mean_thinking_tokens"] == 7 and entry["forced_share"] == 0 and entry["exhausted_share"] == 0
+    # thinking off: a sample is forced when the choice extractor finds no letter in it
+    kw = seen["kw"]
+    assert kw["thinking"] is False and kw["settings"].presence_penalty == 0.0
+    assert kw["has_answer"](0, "so \\boxed{C}") and not kw["has_answer"](0, "I am not sure yet")
 
 
 def test_run_writes_json_markdown_and_pictures(toy, tmp_path):
@@ -171,3 +175,61 @@ def test_math_problem_errors_name_the_line_and_field(tmp_path):
         evaluate.load_math_problems(f, problem_field="problem", answer_field="answer")
     with pytest.raises(ValueError, match=rf"{f}:1: no problem field 'question'"):
         evaluate.load_math_problems(f, problem_field="question", answer_field="answer")
+
+
+def test_authors_evaluation_defaults():
+    """authors' code (eval/eval.py, eval_array.sbatch, run_eval_dataset_reasoning.sh): presence
+    penalty 1.5, forced answer up to 100 tokens, Qwen2.5 budget 4096 (thinking off), Qwen3 budgets
+    512..4096 of thinking (thinking on, stop at </think>)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(root, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+
+    c = dail_config()
+    assert c.eval.presence_penalty == 1.5 and c.eval.answer_tokens == 100 and c.eval.thinking_end == "</think>"
+    assert (c.eval.temperature, c.eval.top_p) == (0.6, 0.95)
+    q25 = load("dail_train_qwen2p5_7b")
+    assert q25.eval.budgets == (4096,) and q25.prompts.enable_thinking is False
+    q3 = load("dail_train_qwen3_8b")
+    assert q3.eval.budgets == (512, 1024, 2048, 4096) and q3.prompts.enable_thinking is True
+
+
+def test_math_rows_are_forced_when_no_answer_is_found(monkeypatch):
+    seen = {}
+
+    def fake(params, cfg, tokenizer, rows, **kw):
+        seen.update(kw)
+        return BudgetResult(["x"] * len(rows), [[1]] * len(rows), np.zeros(len(rows), bool),
+                            np.full(len(rows), 3), np.zeros(len(rows), bool))
+
+    monkeypatch.setattr(evaluate, "generate_with_budget", fake)
+    evaluate.pass_at_k_curves({"m": (None, type("Cfg", (), {"vocab_size": 100})())}, None,
+                              [{"prompt": "1+1?", "answer": "2"}], prompt_ids_fn=lambda t: [1, 2], kind="math",
+                              samples=2, budgets=(8,), temperature=0.6, top_p=0.95, presence_penalty=1.5,
+                              thinking=True, forced_answer=FORCED, answer_tokens=4, stop_ids=(0,),
+                              key=jax.random.key(0))
+    assert seen["thinking"] is True and seen["thinking_end"] == "</think>"
+    assert seen["settings"].presence_penalty == 1.5
+    assert seen["has_answer"](0, "... so \\boxed{2}") and seen["has_answer"](1, "The answer is 2.")
+    assert not seen["has_answer"](0, "Let me think about 1 + 1")
+
+
+def test_eval_setting_errors_name_the_field(tmp_path, toy):
+    student, *_ = toy
+    c = dail_config()
+    c.eval.problems = str(tmp_path / "x.jsonl")
+    c.eval.presence_penalty = 3.0
+    with pytest.raises(ValueError, match=r"config.eval.presence_penalty=3.0 must be a number in \[-2, 2\]"):
+        evaluate.run(c)
+    c.eval.presence_penalty = 1.5
+    write_demo_problems(tmp_path / "x.jsonl", 2, seed=0, split="eval")
+    c.model.path = student
+    c.eval.thinking_end = "</reasoning>"
+    c.prompts.enable_thinking = True
+    with pytest.raises(ValueError, match=r"config.eval.thinking_end='</reasoning>' is not one token"):
+        evaluate.run(c)

@@ -1,17 +1,21 @@
 """Tests for opdjax.dail.hints: the landmarks hint h(s) of DAIL's negative context. Expected
-landmarks are written by hand from the rules in the module docstring."""
+landmarks are written by hand from the rules in the module docstring: the extraction in order of
+appearance (APPEARANCE), and the default listing, the authors' (every landmark, sorted as Python
+sorts strings, an empty list allowed)."""
 import ml_collections
 import pytest
 
 from opdjax.dail.config import dail_config
-from opdjax.dail.hints import HINT_TEXT_NO_ANSWER, Landmarks, check_hint_config, hint_text, landmarks
+from opdjax.dail.hints import HINT_TEXT_EMPTY, HINT_TEXT_NO_ANSWER, Landmarks, check_hint_config, hint_text, landmarks
 from opdjax.toy.arithmetic import make_problems
 
 TOY_PROBLEM = "Start with 7. Add 5, then multiply by 3, then subtract 4. What is the result?"
 TOY_SOLUTION = ("We start with 7. Adding 5 to 7 gives 12. Multiplying 12 by 3 gives 36. "
                 "Subtracting 4 from 36 gives 32. The answer is 32.")
 
-# (solution, expected landmarks with the defaults: max_landmarks=8, max_expression_chars=24)
+APPEARANCE = dict(order="appearance")  # what the solution reaches, in its order
+
+# (solution, expected landmarks in order of appearance, uncapped, max_expression_chars=24)
 CASES = {
     "toy": (TOY_SOLUTION, Landmarks("32", ("7", "5", "12", "3", "36", "4"))),
     # A long formula gives its numbers; the nested boxed fraction is the answer, not an item.
@@ -60,23 +64,25 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_landmarks_of_realistic_solutions(name):
     solution, want = CASES[name]
-    assert landmarks(solution) == want
+    assert landmarks(solution, **APPEARANCE) == want
+    # the default listing (authors'): the same landmarks, sorted as strings
+    assert landmarks(solution) == Landmarks(want.answer, tuple(sorted(want.items)))
 
 
 def test_landmarks_are_deterministic():
     for solution, want in CASES.values():
-        assert [landmarks(solution) for _ in range(3)] == [want] * 3
+        assert [landmarks(solution, **APPEARANCE) for _ in range(3)] == [want] * 3
 
 
 def test_toy_solution_with_its_problem_gives_intermediate_values():
-    assert landmarks(TOY_SOLUTION, problem=TOY_PROBLEM) == Landmarks("32", ("12", "36"))
+    assert landmarks(TOY_SOLUTION, problem=TOY_PROBLEM, **APPEARANCE) == Landmarks("32", ("12", "36"))
 
 
 def test_toy_task_solutions():
     """Over generated problems: the answer is the toy's answer, and with the problem given the
     landmarks are exactly the intermediate values that are neither 0, 1, a given, nor the answer."""
     for p in make_problems(40, seed=3):
-        got = landmarks(p["solution"], problem=p["prompt"])
+        got = landmarks(p["solution"], problem=p["prompt"], max_landmarks=8, **APPEARANCE)
         assert got.answer == p["answer"]
         givens = {p["start"]} | {arg for _, arg in p["ops"]}
         want = []
@@ -89,7 +95,7 @@ def test_toy_task_solutions():
 def test_dedupe_by_value_and_whitespace_keeps_first_spelling():
     solution = (r"We get $x=12$, then $x = 12$ again; 0.5 and $\frac{1}{2}$ and 1/2 are equal, "
                 r"as are 12 and 12.0. The answer is $\boxed{99}$.")
-    assert landmarks(solution) == Landmarks("99", ("x=12", "0.5", "12"))
+    assert landmarks(solution, **APPEARANCE) == Landmarks("99", ("x=12", "0.5", "12"))
 
 
 def test_answer_excluded_by_value():
@@ -97,25 +103,43 @@ def test_answer_excluded_by_value():
     assert landmarks(solution) == Landmarks(r"\frac{1}{2}", ())
 
 
-def test_cap_keeps_the_first_landmarks():
-    solution = "Values: 11, 12, 13, 14, 15, 16, 17, 18, 19, 20. The answer is 21."
-    assert landmarks(solution).items == ("11", "12", "13", "14", "15", "16", "17", "18")
-    assert landmarks(solution, max_landmarks=3).items == ("11", "12", "13")
-    assert landmarks(solution, max_landmarks=0) == Landmarks("21", ())
+def test_uncapped_by_default_and_the_cap_keeps_the_first_found():
+    solution = "Values: 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 100. The answer is 21."
+    every = ("20", "19", "18", "17", "16", "15", "14", "13", "12", "11", "100")
+    assert landmarks(solution, **APPEARANCE).items == every  # max_landmarks=0: no cap
+    # authors' default: all 11, sorted as strings ("100" < "11": '0' < '1' at the second character)
+    assert landmarks(solution).items == ("100", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20")
+    # the cap keeps the first N found, then lists them as `order` says
+    assert landmarks(solution, max_landmarks=3, **APPEARANCE).items == ("20", "19", "18")
+    assert landmarks(solution, max_landmarks=3).items == ("18", "19", "20")
+    assert landmarks(solution, max_landmarks=11).items == landmarks(solution).items
+
+
+def test_sorted_listing_on_the_authors_example_formats():
+    """Numbers, a fraction, a decimal, a negative, short expressions and a \\boxed answer: sorted
+    by code point, so '-' (45) < '0'-'9' (48-57) < '\\' (92) < letters."""
+    solution = (r"First $x = 12$, so $3x = 36$; then 36/8 = 4.5 and $\frac{9}{2} = 4.5$ again. "
+                r"With $y = -7$ we get -7 + 12 = 5 and $\sqrt{25} = 5$. Hence $\boxed{41}$.")
+    # appearance: x = 12, 3x = 36, 36/8, [4.5: = 36/8 in value, dropped], \frac{9}{2} = 4.5, y = -7,
+    # -7, 12, 5 (a lone digit in prose other than 0/1 is kept), \sqrt{25} = 5, [41: the answer]
+    want = ("-7", "12", "36/8", "3x = 36", "5", r"\frac{9}{2} = 4.5", r"\sqrt{25} = 5", "x = 12", "y = -7")
+    assert landmarks(solution) == Landmarks("41", want)
+    assert hint_text(solution, dail_config().hint) == (
+        "Hint: the final answer is 41; intermediate results might include " + ", ".join(want) + ".")
 
 
 def test_max_expression_chars():
     solution = r"We find $3x + 12 = 48$, so the answer is $\boxed{12}$."
-    assert landmarks(solution).items == ("3x + 12 = 48",)
+    assert landmarks(solution).items == ("3x + 12 = 48",)  # one item: sorted or not
     # Too long to be an expression: the segment gives its numbers (3 is a lone digit in a formula).
     assert landmarks(solution, max_expression_chars=11).items == ("48",)
     assert landmarks(solution, max_expression_chars=12).items == ("3x + 12 = 48",)
 
 
 @pytest.mark.parametrize("kwargs", [{"max_landmarks": -1}, {"max_expression_chars": 2.5},
-                                    {"max_landmarks": True}])
+                                    {"max_landmarks": True}, {"order": "shuffled"}])
 def test_landmarks_rejects_bad_limits(kwargs):
-    with pytest.raises(ValueError, match="must be an integer >= 0"):
+    with pytest.raises(ValueError, match="must be (an integer >= 0|one of)"):
         landmarks("The answer is 3.", **kwargs)
 
 
@@ -127,11 +151,15 @@ def test_landmarks_of_empty_solution():
 # hint_text
 
 def test_hint_text_with_answer_and_landmarks():
-    hint = dail_config().hint
+    hint = dail_config().hint  # the authors' listing: all, sorted
     assert hint_text(TOY_SOLUTION, hint) == (
-        "Hint: the final answer is 32; intermediate results might include 7, 5, 12, 3, 36, 4.")
+        "Hint: the final answer is 32; intermediate results might include 12, 3, 36, 4, 5, 7.")
     assert hint_text(TOY_SOLUTION, hint, problem=TOY_PROBLEM) == (
         "Hint: the final answer is 32; intermediate results might include 12, 36.")
+    hint.order = "appearance"
+    assert hint_text(TOY_SOLUTION, hint) == (
+        "Hint: the final answer is 32; intermediate results might include 7, 5, 12, 3, 36, 4.")
+    hint.order = "sorted"
     solution, _ = CASES["nested_boxed_frac"]
     assert hint_text(solution, hint) == (
         r"Hint: the final answer is \frac{5}{6}; intermediate results might include "
@@ -146,26 +174,33 @@ def test_hint_text_answer_only():
 def test_hint_text_without_answer_uses_landmarks_only():
     solution, _ = CASES["proof"]
     hint = dail_config().hint
-    want = r"Hint: intermediate results might include a^2 + b^2 \ge 2ab, a = b."
+    want = r"Hint: intermediate results might include a = b, a^2 + b^2 \ge 2ab."  # sorted: ' ' < '^'
     assert hint_text(solution, hint) == want == HINT_TEXT_NO_ANSWER.replace(
-        "{landmarks}", r"a^2 + b^2 \ge 2ab, a = b")
+        "{landmarks}", r"a = b, a^2 + b^2 \ge 2ab")
     # A config that has the field overrides the module default.
     hint.text_no_answer = "Useful facts: {landmarks}."
-    assert hint_text(solution, hint) == r"Useful facts: a^2 + b^2 \ge 2ab, a = b."
+    assert hint_text(solution, hint) == r"Useful facts: a = b, a^2 + b^2 \ge 2ab."
 
 
-def test_hint_text_with_nothing_to_hint_is_an_error():
-    with pytest.raises(ValueError, match="no final answer .* and no numbers or short expressions"):
-        hint_text("Obvious by symmetry.", dail_config().hint)
+def test_hint_text_with_nothing_to_hint_is_the_empty_text():
+    """The authors allow an empty list: a proof in words gets hint.text_empty, not an error; a
+    solution whose only landmark is its answer gets the no-landmarks text."""
+    hint = dail_config().hint
+    assert hint_text("Obvious by symmetry.", hint) == HINT_TEXT_EMPTY == hint.text_empty
+    assert landmarks("Obvious by symmetry.") == Landmarks(None, ())
+    hint.text_empty = "Hint: none."
+    assert hint_text("Obvious by symmetry.", hint) == "Hint: none."
+    assert hint_text(r"Trivially $\boxed{7}$.", hint) == "Hint: the final answer is 7."
 
 
 def test_hint_text_uses_hint_limits():
     hint = dail_config().hint
-    hint.max_landmarks = 2
+    hint.max_landmarks = 2  # the first two found (7, 5), then sorted
     assert hint_text(TOY_SOLUTION, hint) == (
-        "Hint: the final answer is 32; intermediate results might include 7, 5.")
-    hint.max_landmarks = 0
-    assert hint_text(TOY_SOLUTION, hint) == "Hint: the final answer is 32."
+        "Hint: the final answer is 32; intermediate results might include 5, 7.")
+    hint.max_landmarks = 0  # no cap
+    assert hint_text(TOY_SOLUTION, hint) == (
+        "Hint: the final answer is 32; intermediate results might include 12, 3, 36, 4, 5, 7.")
 
 
 def test_hint_text_bad_template_names_field():
@@ -180,7 +215,9 @@ def test_check_hint_config():
     for field, value, message in [
         ("text", "{landmarks}", r"config\.hint\.text has no \{answer\}"),
         ("text_no_landmarks", "Hint.", r"config\.hint\.text_no_landmarks has no \{answer\}"),
-        ("max_landmarks", -1, r"config\.hint\.max_landmarks must be an integer >= 0"),
+        ("max_landmarks", -1, r"config\.hint\.max_landmarks must be an integer >= 0 \(0 = no cap\)"),
+        ("order", "random", r"config\.hint\.order='random': choose one of"),
+        ("text_empty", "", r"config\.hint\.text_empty='' must be a non-empty string"),
     ]:
         hint = dail_config().hint
         setattr(hint, field, value)

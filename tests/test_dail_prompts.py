@@ -254,3 +254,74 @@ def test_render_student_prompt(tokenizer):
 def test_bad_limit_is_named(tokenizer, limit):
     with pytest.raises(ValueError, match=r"config\.data\.max_prompt_tokens must be a positive integer"):
         render_contexts(tokenizer, prompts(), PROBLEM, SOLUTION, HINT, max_prompt_tokens=limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference cut (prompts.reference_cut = "solution_marker", the authors' build_expert_prompt)
+
+S1 = "Solution 1: Add 2 and 3 to get 5."
+S2 = "Solution 2: Note 5 = 2 + 3."
+S3 = "Solution 3: Count: five."
+MULTI = f"{S1}\n\n{S2}\n\n{S3}"  # one string holding three solutions, as e1-proof's references do
+
+
+def test_reference_prefixes_cut_at_solution_markers_and_list_items():
+    from opdjax.dail.prompts import reference_prefixes
+    text, shorter = reference_prefixes(MULTI, "\n\n---\n\n")
+    assert text == MULTI
+    assert shorter == [f"{S1}\n\n{S2}", S1]  # the marker at the very start is not a cut
+    # A list of solutions: item boundaries are cuts too; a marker right after the separator is the
+    # same cut, and the separator is not kept.
+    text, shorter = reference_prefixes(["A is 1.  ", "Solution 2: B is 2.", "C"], "\n\n---\n\n")
+    assert text == "A is 1.\n\n---\n\nSolution 2: B is 2.\n\n---\n\nC"
+    assert shorter == ["A is 1.\n\n---\n\nSolution 2: B is 2.", "A is 1."]
+    assert reference_prefixes(SOLUTION, "\n\n---\n\n") == (SOLUTION, [])  # one solution: nothing to cut
+    # "Solution 12:" mid-line counts (the authors' pattern is unanchored); "Solution:" does not.
+    assert reference_prefixes("Intro. Solution 12: x. Solution: y.", "|")[1] == ["Intro."]
+
+
+def _expert_len(tokenizer, reference):
+    return len(render_contexts(tokenizer, prompts(reference_cut="none"), PROBLEM, reference, HINT,
+                               max_prompt_tokens=LIMIT).expert)
+
+
+def test_reference_cut_drops_trailing_solutions_until_the_expert_context_fits(tokenizer, caplog):
+    full, two, one = (_expert_len(tokenizer, r) for r in (MULTI, f"{S1}\n\n{S2}", S1))
+    assert full > two > one
+    uncut = render_contexts(tokenizer, prompts(), PROBLEM, MULTI, HINT, max_prompt_tokens=full)
+    assert uncut.reference_cut is None and len(uncut.expert) == full  # fits: nothing cut
+    record = "problem id 'p7' (refs.jsonl:8)"
+    with caplog.at_level("WARNING", logger="opdjax.dail.prompts"):
+        ctx = render_contexts(tokenizer, prompts(), PROBLEM, MULTI, HINT, max_prompt_tokens=two, record=record)
+    # Solution 3 and the blank line before it go: 2 + len("Solution 3: Count: five.") = 2 + 24 chars
+    assert ctx.reference_cut == {"solutions_kept": 2, "solutions": 3, "chars_dropped": 26,
+                                 "tokens_before": full, "tokens_after": two}
+    assert ctx.expert == render_contexts(tokenizer, prompts(), PROBLEM, f"{S1}\n\n{S2}", HINT,
+                                         max_prompt_tokens=LIMIT).expert
+    assert S3 not in ctx.texts[1] and S2 in ctx.texts[1]
+    assert ctx.student == uncut.student and ctx.hint == uncut.hint  # only the reference is cut
+    assert any(record in m and "first 2 of 3 solutions" in m and "26 characters" in m for m in caplog.messages)
+    # One token short of two solutions: the cut repeats down to Solution 1 alone.
+    ctx = render_contexts(tokenizer, prompts(), PROBLEM, MULTI, HINT, max_prompt_tokens=two - 1)
+    assert ctx.reference_cut == {"solutions_kept": 1, "solutions": 3, "chars_dropped": len(MULTI) - len(S1),
+                                 "tokens_before": full, "tokens_after": one}
+    assert len(ctx.expert) == one
+
+
+def test_reference_cut_that_cannot_fit_is_the_usual_error(tokenizer):
+    one = _expert_len(tokenizer, S1)
+    with pytest.raises(ValueError) as info:
+        render_contexts(tokenizer, prompts(), PROBLEM, MULTI, HINT, max_prompt_tokens=one - 1, record="problem 4")
+    message = str(info.value)
+    assert message.startswith(f"problem 4: expert context is {one} tokens > config.data.max_prompt_tokens={one - 1}")
+    assert "cut the reference to its first solution (3 found) and it is still too long" in message
+    # reference_cut = none: never cut, the error names the whole reference's length
+    full = _expert_len(tokenizer, MULTI)
+    with pytest.raises(ValueError, match=rf"problem 4: expert context is {full} tokens"):
+        render_contexts(tokenizer, prompts(reference_cut="none"), PROBLEM, MULTI, HINT,
+                        max_prompt_tokens=full - 1, record="problem 4")
+
+
+def test_reference_cut_setting_is_checked():
+    with pytest.raises(ValueError, match=r"config\.prompts\.reference_cut='truncate': choose one of"):
+        check_templates(prompts(reference_cut="truncate"))

@@ -15,6 +15,7 @@ from opdjax.dail.config import dail_config
 from opdjax.data.tokenizer import build_toy_tokenizer
 from opdjax.models import hf_io, qwen
 from opdjax.models.config import ModelConfig
+from opdjax.errors import ConfigError
 
 VOCAB = 320
 
@@ -128,16 +129,18 @@ def test_tau_extremes(tmp_path, model_dir):
             assert r["fallback_rate"] == rate and r["mean_fallback_rate"] == rate
 
 
-def _fake_rollout(texts_by_row, tokenizer, stop_id):
+def _fake_rollout(texts_by_row, tokenizer, stop_id, stop=True):
     """A stand-in for mixed_rollout that emits given texts (row-major: problem, then sample),
-    each ended by the stop token, with every other token marked as the expert's."""
+    each ended by the stop token (unless `stop` is false or max_new_tokens cuts it first), with
+    every other token marked as the expert's."""
     def fake(params, s_tok, s_mask, e_tok, e_mask, key, cfg, settings, *, pad_id=0, plan=None, samples=1):
         B, N = s_tok.shape[0] * samples, settings.max_new_tokens
         tokens = np.full((B, N), pad_id, np.int32)
         mask = np.zeros((B, N), bool)
         fe = np.zeros((B, N), bool)
         for b in range(B):
-            ids = (tokenizer.encode(texts_by_row[b % len(texts_by_row)], add_special_tokens=False) + [stop_id])[:N]
+            ids = (tokenizer.encode(texts_by_row[b % len(texts_by_row)], add_special_tokens=False)
+                   + [stop_id] * stop)[:N]
             tokens[b, :len(ids)], mask[b, :len(ids)] = ids, True
             fe[b, :len(ids):2] = True
         return mixed.MixedRollout(tokens, mask, fe)
@@ -195,10 +198,8 @@ def test_over_long_reference_fails_before_compute(tmp_path, model_dir, monkeypat
     with pytest.raises(ValueError, match=r"problem id 'q2' \(.*problems\.jsonl:3\): expert context is \d+ tokens"):
         syn.run(c)
     assert not os.path.exists(os.path.join(c.workdir, "traces.jsonl"))
-    # A solution with nothing to hint with (no final answer, no numbers) is named too
-    c = _config(tmp_path / "h", model_dir, problems=PROBLEMS[:1] + [dict(PROBLEMS[1], solution="Obvious.")])
-    with pytest.raises(ValueError, match=r"problem id 'q1' \(.*problems\.jsonl:2\): .*hint would be empty"):
-        syn.run(c)
+    # prompts.reference_cut has nothing to cut in a one-solution reference: still the error
+    assert c.prompts.reference_cut == "solution_marker"
 
 
 @pytest.mark.parametrize("field, value, pattern", [
@@ -274,3 +275,180 @@ def test_answer_selection_with_the_toy_student(tmp_path):
             assert r["fallback_rate"] == 0.0
         else:
             assert r["trace"] is None and r["selected"] is None  # on_no_match = skip (the default)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe: tau and selection per recipe (issue 15), min_keep_rate, the reference cut
+
+NO_SWITCH = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
+             " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+             "{%- endif %}")  # ChatML without a thinking mode (as Qwen2.5's)
+ALWAYS_THINKS = NO_SWITCH.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+
+
+@pytest.fixture
+def toy_tok(model_dir):
+    from opdjax.data.tokenizer import load_tokenizer
+    return load_tokenizer(model_dir)
+
+
+@pytest.mark.parametrize("template, thinking, reasoning", [
+    ("toy", True, True),  # the toy template has Qwen3's enable_thinking switch
+    ("toy", False, False),
+    (NO_SWITCH, True, False),  # thinking asked for, but the template has no thinking mode
+    (ALWAYS_THINKS, True, True),  # R1-style: the generation prompt always opens <think>
+    (ALWAYS_THINKS, False, False),
+])
+def test_tau_and_selection_per_recipe(toy_tok, tmp_path, model_dir, template, thinking, reasoning):
+    """The authors' defaults (generate.yaml): tau 1.0 for reasoning, 0.8 otherwise; random
+    selection for reasoning (thinking prefixes are not graded), graded otherwise."""
+    from opdjax.dail.config import accept_threshold_for
+    if template != "toy":
+        toy_tok.chat_template = template
+    c = _config(tmp_path, model_dir)
+    c.prompts.enable_thinking = thinking
+    assert c.synthesis.accept_threshold is None and c.synthesis.selection == "auto"  # the defaults
+    r = syn.resolve_recipe(c, toy_tok)
+    assert syn.template_thinks(toy_tok) == (template != NO_SWITCH)
+    assert (r.reasoning, r.tau, r.selection) == (reasoning, 1.0 if reasoning else 0.8,
+                                                 "random" if reasoning else "graded")
+    assert r.tau_source.startswith("per recipe")
+    # explicit settings win
+    c.synthesis.accept_threshold, c.synthesis.selection = 0.3, "graded"
+    r = syn.resolve_recipe(c, toy_tok)
+    assert (r.tau, r.tau_source, r.selection) == (0.3, "config.synthesis.accept_threshold", "graded")
+    # without a tokenizer (e.g. compile-only paths) enable_thinking alone decides
+    c.synthesis.accept_threshold = None
+    assert accept_threshold_for(c) == (1.0 if thinking else 0.8)
+
+
+def test_shipped_configs_state_the_per_recipe_tau():
+    import importlib.util
+    from opdjax.dail.config import accept_threshold_for
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    want = {"dail_synthesize_qwen3_8b": 1.0, "dail_synthesize_qwen2p5_7b": 0.8, "dail_demo": 0.8}
+    for name, tau in want.items():
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        c = m.get_config()
+        assert c.synthesis.accept_threshold == tau
+        c.synthesis.accept_threshold = None  # the value stated is the recipe's own default
+        assert accept_threshold_for(c) == tau, name
+
+
+def test_default_recipe_end_to_end(tmp_path, model_dir, toy_tok, monkeypatch):
+    """Defaults (tau None, selection auto): thinking off -> tau 0.8, graded; thinking on with the
+    toy's thinking template -> tau 1.0, one seeded-random trace even where answers match."""
+    problems = [dict(PROBLEMS[0], answer="5"), dict(PROBLEMS[1], answer="7"),
+                dict(PROBLEMS[2], answer=None, solution="Obvious by symmetry.")]  # nothing to hint with
+    texts = ["The answer is 4.", "so \\boxed{5}", "The answer is 5.",
+             "The answer is 7.", "The answer is 9.", "no idea",
+             "one", "two", "three"]
+    monkeypatch.setattr(mixed, "mixed_rollout", _fake_rollout(texts, toy_tok, toy_tok.eos_token_id))
+    c = _config(tmp_path / "off", model_dir, problems=problems, problems_per_batch=3, max_new_tokens=40)
+    summary = syn.run(c)
+    a, b, d = _lines(summary["output"])
+    assert (summary["tau"], summary["selection"], summary["reasoning"]) == (0.8, "graded", False)
+    assert summary["tau_source"].startswith("per recipe")
+    assert [r["tau"] for r in (a, b, d)] == [0.8] * 3
+    assert (a["selection"], a["selected"], a["trace"], a["num_matched"]) == ("graded", "answer", "so \\boxed{5}", 2)
+    assert (b["selected"], b["trace"]) == ("answer", "The answer is 7.")
+    assert (d["selection"], d["selected"]) == ("random", "random")  # no answer: random whatever the rule
+    from opdjax.dail.config import HINT_TEXT_EMPTY
+    assert d["hint"] == HINT_TEXT_EMPTY  # the authors allow an empty hint: no abort
+    assert [r["num_answered"] for r in (a, b, d)] == [3, 2, 0] and [r["num_ended"] for r in (a, b, d)] == [3] * 3
+    assert a["reference_cut"] is None and summary["keep_rate"] == 1.0
+
+    c = _config(tmp_path / "on", model_dir, problems=problems, problems_per_batch=3, max_new_tokens=40)
+    c.prompts.enable_thinking = True
+    summary = syn.run(c)
+    a, b, _ = _lines(summary["output"])
+    assert (summary["tau"], summary["selection"], summary["reasoning"]) == (1.0, "random", True)
+    for i, r in ((0, a), (1, b)):  # seeded random pick (np.random.default_rng([seed, index]))
+        pick = int(np.random.default_rng([3, i]).integers(3))
+        assert (r["selection"], r["selected"], r["trace"]) == ("random", "random", texts[3 * i + pick])
+        assert r["matched"] == (r["trace"] in ("so \\boxed{5}", "The answer is 5.", "The answer is 7."))
+    assert a["num_matched"] == 2  # still counted, for the record
+    # resuming the thinking-on output with graded selection is refused
+    c.synthesis.selection = "graded"
+    with pytest.raises(ValueError, match=r"selection='random'.*synthesis\.selection"):
+        syn.run(c)
+
+
+def test_check_keep_rate_by_hand():
+    rec = lambda kept, answered, ended: {"trace_ids": [1] if kept else None, "num_samples": 4,  # noqa: E731
+                                         "num_answered": answered, "num_ended": ended}
+    # 1 kept of 12 = 8.3% < 0.1; the 11 skipped have 44 samples, 4 with an answer (9%), 0 ended
+    records = [rec(True, 4, 4)] + [rec(False, 1 if i < 4 else 0, 0) for i in range(11)]
+    with pytest.raises(ConfigError, match=r"kept 1 of 12 problems \(8\.3%\) < config\.synthesis\.min_keep_rate=0\.1: "
+                                          r"only 9% of the skipped .* 0% end before config\.rollout\.max_new_tokens=256: "
+                                          r"traces of 256 tokens rarely close \\boxed\{\}.*selection='random'"):
+        syn.check_keep_rate(records, 0.1, final=True, max_new_tokens=256)
+    syn.check_keep_rate(records, 0.08, final=True, max_new_tokens=256)  # 8.3% >= 8%
+    syn.check_keep_rate(records, 0.0, final=True, max_new_tokens=256)  # 0 = off
+    syn.check_keep_rate(records, 0.1, final=False, max_new_tokens=256)  # too few yet for the periodic check
+    # answers reached but never matching: the other cause
+    records = [rec(False, 3, 4)] * syn.KEEP_RATE_CHECK_AFTER
+    with pytest.raises(ConfigError, match=r"kept 0 of 32 problems \(0\.0%\) after the first 32 problems .*"
+                                          r"75% of the skipped problems' samples reach a final answer, but none"):
+        syn.check_keep_rate(records, 0.1, final=False, max_new_tokens=256)
+
+
+def test_low_keep_rate_stops_the_run_early(tmp_path, model_dir, toy_tok, monkeypatch):
+    """Graded selection on traces cut before any answer (the Qwen3 recipe's failure): after 32
+    problems the run stops, naming the rate, the field and the cause; what was done is kept."""
+    problems = [dict(PROBLEMS[0], id=f"p{i}", answer="5") for i in range(40)]
+    texts = ["Let me think about this problem step by step and then"]  # cut, no answer
+    monkeypatch.setattr(mixed, "mixed_rollout", _fake_rollout(texts, toy_tok, toy_tok.eos_token_id, stop=False))
+    c = _config(tmp_path, model_dir, problems=problems, problems_per_batch=8, max_new_tokens=8,
+                selection="graded")
+    with pytest.raises(ConfigError, match=r"kept 0 of 32 problems \(0\.0%\) after the first 32 problems < "
+                                          r"config\.synthesis\.min_keep_rate=0\.1: only 0% .* 0% end before "
+                                          r"config\.rollout\.max_new_tokens=8: traces of 8 tokens rarely close"):
+        syn.run(c)
+    assert len(_lines(os.path.join(c.workdir, "traces.jsonl"))) == 32
+    # selection="random" keeps every problem (the authors' choice for such traces)
+    c = _config(tmp_path / "random", model_dir, problems=problems, problems_per_batch=8, max_new_tokens=8,
+                selection="random")
+    assert syn.run(c)["keep_rate"] == 1.0
+
+
+def test_reference_cut_is_recorded_per_trace(tmp_path, model_dir, toy_tok, monkeypatch):
+    from opdjax.dail.hints import hint_text
+    from opdjax.dail.prompts import render_contexts
+    s1, s2 = "Solution 1: 3 + 4 = 7.", "Solution 2: Count up from 3 by 4 steps: 4, 5, 6, 7. So 7."
+    problems = [dict(PROBLEMS[1], solution=f"{s1}\n{s2}", answer="7"), PROBLEMS[0]]
+    monkeypatch.setattr(mixed, "mixed_rollout", _fake_rollout(["The answer is 7."], toy_tok, toy_tok.eos_token_id))
+    c = _config(tmp_path, model_dir, problems=problems, problems_per_batch=2, max_new_tokens=20)
+    c.hint.text, c.hint.text_no_landmarks, c.hint.text_no_answer = "H {answer} {landmarks}", "H {answer}", "H {landmarks}"
+    lengths = {}
+    hint = hint_text(f"{s1}\n{s2}", c.hint, problem=problems[0]["problem"])  # from the whole reference
+    for ref in (f"{s1}\n{s2}", s1):
+        ctx = render_contexts(toy_tok, c.prompts, problems[0]["problem"], ref, hint, max_prompt_tokens=10_000)
+        lengths[ref] = len(ctx.expert)
+        assert max(len(ctx.student), len(ctx.hint)) < len(ctx.expert)
+    c.data.max_prompt_tokens = lengths[s1]
+    assert len(render_contexts(toy_tok, c.prompts, PROBLEMS[0]["problem"], PROBLEMS[0]["solution"], "h",
+                               max_prompt_tokens=10_000).expert) <= lengths[s1]  # the other problem fits
+    summary = syn.run(c)
+    a, b = _lines(summary["output"])
+    assert a["reference_cut"] == {"solutions_kept": 1, "solutions": 2, "chars_dropped": 1 + len(s2),
+                                  "tokens_before": lengths[f"{s1}\n{s2}"], "tokens_after": lengths[s1]}
+    assert a["solutions"] == [f"{s1}\n{s2}"]  # the record keeps the whole reference
+    assert b["reference_cut"] is None and summary["reference_cuts"] == 1
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("synthesis.selection", "best", r"config\.synthesis\.selection='best': choose one of"),
+    ("synthesis.min_keep_rate", 1.5, r"config\.synthesis\.min_keep_rate=1\.5 must be a number in \[0, 1\]"),
+    ("prompts.reference_cut", "half", r"config\.prompts\.reference_cut='half'"),
+    ("hint.order", "random", r"config\.hint\.order='random'"),
+])
+def test_new_fields_are_validated(tmp_path, model_dir, monkeypatch, field, value, pattern):
+    _no_compute(monkeypatch)
+    c = _config(tmp_path, model_dir)
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=pattern):
+        syn.run(c)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -132,6 +133,22 @@ def test_report_numbers_equal_a_recomputation_from_the_saved_arrays(tmp_path):
             assert got["thirds"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (variant, k)
     assert results["timings"]["sample_s"] > 0 and "| analysis |" in report
 
+    # release_settings.json: the verdict's pick, redone here from the report's p-values
+    rec = json.load(open(d / "release_settings.json"))
+    level, found, closest = results["verdict"]["level"], [], []
+    for variant, groups in results["variants"].items():
+        s = groups["all"]
+        ok = {c: s[c]["down_p_value"] < level <= s[c]["up_p_value"] for c in ("bic", "permutation")}
+        c = "permutation" if ok["permutation"] or not ok["bic"] else "bic"
+        if ok["bic"] or ok["permutation"]:
+            found.append((s[c]["down_p_value"], -s[c]["down_rate"], variant, c))
+        up = any(s[c]["up_p_value"] < level for c in ("bic", "permutation"))
+        closest.append((up, min(s[c]["down_p_value"] for c in ("bic", "permutation")), variant, "permutation"))
+    want = min(found)[2:] if found else min(closest, key=lambda x: x[:2])[2:]
+    assert (rec["detected"], rec["margin"], rec["calibration"]) == (bool(found),) + want
+    assert rec["rollouts"]["count"] == 12 and rec["settings"]["permutations"] == P and rec["settings"]["alpha"] == ALPHA
+    assert f"`release.margin={rec['margin']}`" in report
+
     # the Markdown re-rendered from diagnosis.json alone is the same report
     title = report.splitlines()[0][2:]
     assert collapse_report.main([str(d), "--title", title]) == 0
@@ -176,6 +193,52 @@ def test_config_errors_name_the_field_before_loading_models(tmp_path):
         diagnose_job.diagnose(c)
     c = _toy_config()
     c.workdir = str(tmp_path)
+    c.diagnose.num_prompts = 17
+    c.release.from_diagnosis = str(tmp_path / "not_yet.json")  # the diagnosis writes it; never reads it
+    with pytest.raises(ConfigError, match="config.diagnose.num_prompts=17"):
+        diagnose_job.diagnose(c)
+    c = _toy_config()
+    c.workdir = str(tmp_path)
     c.diagnose.arrays = str(tmp_path / "nowhere.npz")
     with pytest.raises(ConfigError, match="config.diagnose.arrays=.*nowhere.npz' does not exist"):
         diagnose_job.diagnose(c)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_compare_diagnoses_first_and_every_arm_trains_with_its_recommendation(tmp_path, caplog):
+    """compare.diagnose_first: the diagnosis runs in workdir/diagnosis, every arm reads its
+    release_settings.json; a second comparison with the same settings reuses it."""
+    import logging
+    from opdjax.train import compare
+    c = _toy_config()
+    c.job, c.workdir = "opd_compare", str(tmp_path)
+    c.compare.arms, c.compare.diagnose_first = ("bic", "full"), True
+    c.mesh.shape = (1, -1, 1)
+    c.data.num_train, c.data.num_eval = 8, 4
+    c.diagnose.num_prompts, c.diagnose.examples = 4, 0
+    c.rollout.samples_per_prompt, c.rollout.max_new_tokens, c.batch.prompts_per_step = 2, 24, 4
+    c.release.permutations = 20
+    c.train.steps, c.checkpoint.every, c.metrics.pictures_every = 1, 0, 0
+    c.eval.num_problems, c.eval.samples, c.eval.k, c.eval.max_new_tokens = 4, 2, (1, 2), 24
+    with caplog.at_level(logging.INFO):
+        out = compare.run(c)
+    path = str(tmp_path / "diagnosis" / "release_settings.json")
+    rec = json.load(open(path))
+    assert c.release.from_diagnosis == path and (c.release.margin, c.release.calibration) == (
+        rec["margin"], rec["calibration"])
+    logged = (f"release.margin={rec['margin']}, release.calibration={rec['calibration']} from {path} "
+              f"(diagnosis: {'detected' if rec['detected'] else 'not detected'};")
+    assert caplog.text.count(logged) == 3  # the comparison, then each arm
+    for arm in ("bic", "full"):
+        summary = json.load(open(tmp_path / arm / "summary.json"))
+        # the rule's arm warns when nothing was detected; the full arm does not cut by the rule
+        assert ("release_warning" in summary) == (arm == "bic" and not rec["detected"])
+    assert f"margin `{rec['margin']}`" in open(tmp_path / "report.md").read() and out["arms"]
+    # the same comparison again: the diagnosis on disk is reused, not redone
+    again = ml_collections.ConfigDict(c.to_dict())
+    again.release.from_diagnosis = ""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert diagnose_job.release_settings_for(again) == path
+    assert "reusing the diagnosis" in caplog.text

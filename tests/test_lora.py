@@ -1,6 +1,10 @@
 """opdjax.models.lora against peft's LoRA on transformers' PyTorch Qwen (the independent oracle),
 plus the identities the trainer relies on: b = 0 is the base, merge == apply with the adapter,
-the adapter gradient is the chain rule through the merged weight, export and adapter files."""
+the adapter gradient is the chain rule through the merged weight, export and adapter files.
+The adapter acts on the activations (y = x @ W + s (x @ a) @ b, as peft): test_logits_match_peft
+checks that path against peft in float32; the tests at the end, that it keeps an update the
+bfloat16 merge loses, its gradients' closed form, and that no weight-shaped array is made."""
+import dataclasses
 import json
 import os
 
@@ -278,3 +282,168 @@ def test_sharded_forward_matches_single_device():
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     merged = lora.merge(s_params, s_adapter, spec)
     assert merged["layers"]["q"].sharding == s_params["layers"]["q"].sharding
+
+
+# ------------------------------------------------------------------ the activation path (issue 15, item 8)
+@dataclasses.dataclass(frozen=True)
+class _MergeHook:
+    """The former training path, kept for comparison: each layer runs with W + s * a @ b merged
+    into its weights (lora.merge_layer) inside the layer scan."""
+
+    def __call__(self, lp, layer_adapter, scale):
+        return lora.merge_layer(lp, layer_adapter, scale)
+
+
+def _aligned_update(rng, x_sign, n_out, r, max_abs, s):
+    """a [in, r], b [r, out] with max |s a @ b| = max_abs and a's columns aligned with the input
+    signs, as a trained adapter's are (its gradient x^T (...) points along the inputs it saw);
+    b's rows agree in sign per output, so every entry of s a @ b is within 4x of max_abs."""
+    a = x_sign[:, None] * rng.uniform(0.5, 1.0, (x_sign.size, r))
+    b = rng.choice([-1.0, 1.0], n_out) * rng.uniform(0.5, 1.0, (r, n_out))
+    b *= max_abs / np.abs(s * a @ b).max()
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def test_a_1e6_update_stays_visible_with_bf16_weights_where_the_merge_loses_it():
+    """bfloat16 W (|W| >= 0.02), an update s a @ b at most 1e-6 x min |W| (1/2000 of half a bf16
+    ulp of any W entry, which is >= 2^-9 |W|): merged into W and rounded to bf16 it is gone, bit
+    for bit; the activation path (float32 activations here, so the output keeps it) adds
+    s (x @ a) @ b to the float32 accumulator, and output - base equals the float64 closed form
+    within its float32 bound."""
+    rng = np.random.RandomState(0)
+    n_in, n_out, r, s = 64, 48, 4, 2.0
+    w = rng.choice([-1.0, 1.0], (n_in, n_out)) * rng.uniform(0.02, 0.1, (n_in, n_out))
+    w_bf = jnp.asarray(w, jnp.bfloat16)
+    w32 = np.asarray(w_bf, np.float64)
+    x_sign = rng.choice([-1.0, 1.0], n_in)
+    x = (x_sign * rng.uniform(0.5, 1.5, (2, 5, n_in))).astype(np.float32)
+    a, b = _aligned_update(rng, x_sign, n_out, r, 1e-6 * np.abs(w32).min(), s)
+    update = s * a.astype(np.float64) @ b.astype(np.float64)
+    assert 0.24e-6 * np.abs(w32).min() <= np.abs(update).min() and np.abs(update).max() <= 1.001e-6 * np.abs(w32).min()
+    layer_adapter = {"gate": {"a": jnp.asarray(a), "b": jnp.asarray(b)}}
+
+    # the merge: W + s a b rounded to bf16 is W itself, so its output is the base output exactly
+    merged_w = lora.merge_layer({"gate": w_bf}, layer_adapter, s)["gate"]
+    np.testing.assert_array_equal(np.asarray(merged_w, np.float32), np.asarray(w_bf, np.float32))
+    eq = "btd,df->btf"
+    base = np.asarray(qwen._proj("gate", eq, jnp.asarray(x), w_bf), np.float64)
+    np.testing.assert_array_equal(np.asarray(qwen._proj("gate", eq, jnp.asarray(x), merged_w), np.float64), base)
+
+    # the activation path: the same accumulator x @ W (same op, same inputs: op by op, not fused
+    # differently) plus the float32 term, one rounding
+    delta = lambda name, h: lora.adapter_delta(name, h, layer_adapter, s)  # noqa: E731
+    act = np.asarray(qwen._proj("gate", eq, jnp.asarray(x), w_bf, delta), np.float64)
+    want = x.astype(np.float64) @ update  # closed form
+    # bound: half a float32 ulp of the output (the add's rounding; act - base is then exact) plus
+    # the float32 term's own error, gamma_k * s |x| |a| |b| with k = in + r + 1 sequential ops
+    u = 2.0 ** -24
+    term_err = (n_in + r + 2) * u * s * (np.abs(x) @ np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    bound = 0.5 * np.spacing(np.abs(act).astype(np.float32)).astype(np.float64) + term_err
+    assert np.all(np.abs((act - base) - want) <= bound)
+    assert np.all(np.abs(want) > 4 * bound)  # visible: every output moved, by > 4x its error bound (~11x)
+    assert np.all(act != base)
+
+
+def _sub_ulp_adapter(params, spec, cfg, seed):
+    """Adapted weights pushed to |W| >= 0.02 (bf16) and an adapter with max |s a_l b_l| =
+    2^-11 min |W| per target: under half a bf16 ulp (>= 2^-9 |W|) of every entry, so the merge
+    rounds every adapted weight back to itself."""
+    rng = np.random.RandomState(seed)
+    layers = dict(params["layers"])
+    adapter = {}
+    for t, shp in lora.lora_shapes(cfg, spec).items():
+        w = np.asarray(layers[t], np.float32)
+        w = np.where(w < 0, -1.0, 1.0) * (np.abs(w) + 0.02)
+        layers[t] = jnp.asarray(w, jnp.bfloat16)
+        a = rng.randn(*shp["a"]) / np.sqrt(shp["a"][1])
+        b = rng.randn(*shp["b"])
+        b *= 2.0 ** -11 * np.abs(np.asarray(layers[t], np.float32)).min() / np.abs(spec.scale * a @ b).max()
+        adapter[t] = {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+    return {**params, "layers": layers}, adapter
+
+
+def test_bf16_model_merge_drops_a_sub_half_ulp_adapter_the_activation_path_does_not():
+    cfg, spec = small_cfg(dtype="bfloat16"), SPEC
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), qwen.init_params(cfg, jax.random.key(0), std=0.05))
+    params, adapter = _sub_ulp_adapter(params, spec, cfg, seed=4)
+    t = jnp.asarray(toks())
+    base, _ = forward(params, t, cfg)
+    merged = lora.merge(params, adapter, spec)
+    for name in spec.targets:  # every adapted weight rounds back to itself
+        np.testing.assert_array_equal(np.asarray(merged["layers"][name], np.float32),
+                                      np.asarray(params["layers"][name], np.float32))
+    np.testing.assert_array_equal(np.asarray(forward(merged, t, cfg)[0]), np.asarray(base))
+    in_scan, _ = forward(params, t, cfg, layer_transform=qwen.LayerTransform(_MergeHook(), adapter, spec.scale))
+    np.testing.assert_array_equal(np.asarray(in_scan), np.asarray(base))  # the former training path: lost too
+    act, _ = forward(params, t, cfg, layer_transform=lora.layer_transform(adapter, spec.scale))
+    moved = np.asarray(act) != np.asarray(base)
+    assert moved.mean() > 0.5, moved.mean()  # the update reaches the logits
+
+
+@pytest.mark.parametrize("target,eq,x_shape", [("q", "btd,dhk->bthk", (2, 3, 12)),
+                                               ("o", "bthk,hkd->btd", (2, 3, 4, 5))])
+def test_activation_path_gradients_are_the_closed_form(target, eq, x_shape):
+    """L = sum(c * y), y = x @ W + s (x @ a) @ b (in = x's trailing dims flattened; q: out = H*hd):
+    dL/da = s x^T (c b^T), dL/db = s (x a)^T c, in float64 against jax.grad in float32."""
+    rng = np.random.RandomState(1)
+    w = rng.randn(12, 4, 5) if target == "q" else rng.randn(4, 5, 12)
+    n_in = int(np.prod(x_shape[2:]))
+    n_out = w.size // n_in
+    r, s = 3, 1.5
+    x = rng.randn(*x_shape)
+    a, b = rng.randn(n_in, r) / np.sqrt(n_in), rng.randn(r, n_out) / np.sqrt(r)
+    c = rng.randn(2, 3, n_out)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+
+    def loss(ab):
+        delta = lambda name, h: lora.adapter_delta(name, h, {target: ab}, s)  # noqa: E731
+        y = qwen._proj(target, eq, f32(x), f32(w), delta)
+        return jnp.sum(f32(c) * y.reshape(2, 3, n_out))
+
+    g = jax.grad(loss)({"a": f32(a), "b": f32(b)})
+    xf = x.reshape(6, n_in)
+    cf = c.reshape(6, n_out)
+    want_a, want_b = s * xf.T @ (cf @ b.T), s * (xf @ a).T @ cf
+    # gamma_k bounds of the two nested float32 products (k = both reduction lengths + the scale)
+    u = 2.0 ** -24
+    bound_a = (6 + n_out + 2) * u * s * np.abs(xf).T @ (np.abs(cf) @ np.abs(b).T)
+    bound_b = (6 + n_in + 2) * u * s * (np.abs(xf) @ np.abs(a)).T @ np.abs(cf)
+    assert np.all(np.abs(np.asarray(g["a"], np.float64) - want_a) <= bound_a)
+    assert np.all(np.abs(np.asarray(g["b"], np.float64) - want_b) <= bound_b)
+
+
+def _eqn_shapes(jaxpr, out=None):
+    """Shapes of every equation output in a jaxpr and all its sub-jaxprs (scan, remat, pjit, ...)."""
+    out = set() if out is None else out
+    for eqn in jaxpr.eqns:
+        out.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _eqn_shapes(inner, out)
+    return out
+
+
+def test_training_gradient_makes_no_weight_shaped_array():
+    """The adapter's backward pass (as the trainer runs it: remat) builds only adapter-, activation-
+    and smaller shapes: no per-layer weight or weight-shaped gradient, flattened or not, unlike the
+    merge (which the same walk finds, so the walk sees them)."""
+    cfg, spec = CFG, SPEC
+    params = qwen.init_params(cfg, jax.random.key(0), std=0.05)
+    adapter = random_adapter(cfg, spec, seed=3)
+    t = jnp.asarray(toks((2, 12)))
+    weight_shapes = set()
+    for name, shp in qwen.param_shapes(cfg)["layers"].items():
+        if name in lora.IN_DIMS:
+            n = lora.IN_DIMS[name]
+            weight_shapes |= {tuple(shp[1:]), (int(np.prod(shp[1:1 + n])), int(np.prod(shp[1 + n:])))}
+
+    def grad_shapes(transform):
+        def loss(ad):
+            hidden, _ = qwen.apply(params, t, cfg, layer_transform=transform(ad), remat=True)
+            return jnp.mean(qwen.logits_from_hidden(params, hidden) ** 2)
+        return _eqn_shapes(jax.make_jaxpr(jax.grad(loss))(adapter).jaxpr)
+
+    assert not grad_shapes(lambda ad: lora.layer_transform(ad, spec.scale)) & weight_shapes
+    assert grad_shapes(lambda ad: qwen.LayerTransform(_MergeHook(), ad, spec.scale)) & weight_shapes

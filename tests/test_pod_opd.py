@@ -175,7 +175,8 @@ def test_compare_job_as_two_processes_equals_one_process(tmp_path):
             "--config.rollout.samples_per_prompt=2", "--config.rollout.max_new_tokens=64",
             "--config.eval.num_problems=4", "--config.eval.samples=2", "--config.eval.k=(1,2)",
             "--config.eval.max_new_tokens=64", "--config.eval.every=0", "--config.checkpoint.every=0",
-            "--config.metrics.pictures_every=0"]
+            "--config.metrics.pictures_every=0",
+            "--config.compare.diagnose_first=False"]  # the pod diagnosis has its own tests (test_diagnose_job)
     pod.run(args + [f"--config.workdir={tmp_path / 'one'}"], tmp_path / "one_logs", processes=1)
     logs = pod.run(args + [f"--config.workdir={tmp_path / 'two'}"], tmp_path / "two_logs")
     for arm in ("bic", "full"):

@@ -180,3 +180,42 @@ def test_layer_transform_sees_each_layers_slice():
     want_c, _ = qwen.forward(rewritten, toks, cfg, cache=cache)
     got_c, _ = qwen.forward(params, toks, cfg, cache=cache, layer_transform=transform)
     np.testing.assert_allclose(np.asarray(got_c), np.asarray(want_c), rtol=1e-6, atol=1e-6)
+
+
+def _down_plus(name, x, m, shared):
+    # delta hook: adds x @ (shared * m_l) to the down projection only (None elsewhere: untouched)
+    if name != "down":
+        return None
+    return jnp.einsum("btf,fd->btd", x.astype(jnp.float32), shared * m, preferred_element_type=jnp.float32)
+
+
+def _no_delta(name, x, stacked, shared):
+    return None
+
+
+def test_layer_transform_delta_adds_to_the_projection():
+    """LayerTransform.delta: layer l's projection gets delta(name, x, stacked_l, shared) added to its
+    accumulator; a term x @ M_l on `down` is the plain model with down weights W_l + M_l (float32:
+    the two differ only by the order of float32 additions). A delta that returns None everywhere
+    is the plain model bit for bit, with and without a cache."""
+    cfg = ModelConfig("qwen3", vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=4)
+    params = qwen.init_params(cfg, jax.random.key(0), std=0.1)
+    m = 0.05 * jax.random.normal(jax.random.key(1), params["layers"]["down"].shape)
+    rewritten = {**params, "layers": {**params["layers"], "down": params["layers"]["down"] + 2.0 * m}}
+    toks = jnp.asarray(tokens((2, 6)) % cfg.vocab_size)
+    transform = qwen.LayerTransform(None, m, 2.0, delta=_down_plus)
+    want, _ = forward(rewritten, toks, cfg)
+    got, _ = forward(params, toks, cfg, layer_transform=transform)
+    assert np.abs(np.asarray(want) - np.asarray(forward(params, toks, cfg)[0])).max() > 1e-3  # M matters
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    cache = qwen.init_cache(cfg, 2, 8)
+    got_c, _ = qwen.forward(params, toks, cfg, cache=cache, layer_transform=transform)
+    np.testing.assert_allclose(np.asarray(got_c), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for dtype in ("float32", "bfloat16"):
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
+        none = qwen.LayerTransform(None, m, 2.0, delta=_no_delta)
+        np.testing.assert_array_equal(np.asarray(forward(p, toks, cfg, layer_transform=none)[0]),
+                                      np.asarray(forward(p, toks, cfg)[0]))
+        np.testing.assert_array_equal(np.asarray(qwen.forward(p, toks, cfg, cache=cache, layer_transform=none)[0]),
+                                      np.asarray(qwen.forward(p, toks, cfg, cache=cache)[0]))

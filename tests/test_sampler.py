@@ -1,6 +1,8 @@
 """The sampler: greedy equals an argmax loop over full forwards; every recorded log-prob and
 candidate equals what a full forward over the sampled sequence gives; top-k / top-p filters
 equal a NumPy reference; draws follow the sampling distribution."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +175,118 @@ def test_early_exit_keeps_the_fixed_shape():
     assert (np.asarray(r.tokens)[:, 1:] == 0).all() and (np.asarray(r.logp_model)[:, 1:] == 0).all()
     assert np.isneginf(np.asarray(r.topk_logp_model)[:, 1:]).all()
     assert np.isfinite(np.asarray(r.logp_model)[:, 0]).all()
+
+
+# ----------------------------------------------------------------------------- presence penalty
+
+def test_presence_penalised_distribution_by_hand():
+    """vLLM's presence penalty: subtract it once from the logit of every token already generated
+    (however often), before temperature and top-p. Hand-computed for one row of 4 tokens."""
+    from opdjax.rollout.sampler import presence_penalised
+    logits = jnp.asarray([[2.0, 1.0, 0.0, 0.5]])
+    appeared = jnp.asarray([[True, False, False, False]])
+    pen = np.asarray(presence_penalised(logits, appeared, 1.5))
+    np.testing.assert_array_equal(pen, [[0.5, 1.0, 0.0, 0.5]])
+    # softmax of [0.5, 1, 0, 0.5]: e^.5 = 1.648721, e^1 = 2.718282, e^0 = 1; sum 7.015724
+    s = SamplingSettings(max_new_tokens=1, temperature=1.0, stop_ids=(0,), presence_penalty=1.5)
+    probs = np.exp(np.asarray(jax.nn.log_softmax(sampling_logits(jnp.asarray(pen), s))))
+    np.testing.assert_allclose(probs, [[0.235003, 0.387455, 0.142538, 0.235003]], atol=2e-6)
+    # temperature 0.5, then top-p 0.6: the logits become [1, 2, 0, 1] (sum of e^x = 13.8256), sorted
+    # probs 0.5344 (token 1), 0.1966, 0.1966 (tokens 0 and 3), 0.0723 (token 2). The mass before
+    # the second is 0.534 < 0.6: kept, and with it its tie (token 3, whose own mass-before is
+    # 0.731); token 2 (mass before 0.927) is cut.
+    s = SamplingSettings(max_new_tokens=1, temperature=0.5, top_p=0.6, stop_ids=(0,), presence_penalty=1.5)
+    kept = np.asarray(sampling_logits(jnp.asarray(pen), s))
+    np.testing.assert_array_equal(np.isfinite(kept), [[True, True, False, True]])
+    probs = np.exp(np.asarray(jax.nn.log_softmax(jnp.asarray(kept))))
+    e = np.exp([1.0, 2.0, 1.0])
+    np.testing.assert_allclose(probs[0, [0, 1, 3]], e / e.sum(), rtol=1e-6)
+
+
+def _np_sample_with_presence(toks, mask, key, s):
+    """A NumPy sampler over full forwards (the model's logits recomputed from scratch at every
+    step, in float64): penalise the tokens generated so far, filter (temperature, top-k, top-p),
+    then draw with the same random numbers as jax.random.categorical(fold_in(key, i), x), which
+    is argmax(x + Gumbel noise of that key)."""
+    B, P = toks.shape
+    gen = np.zeros((B, 0), np.int32)
+    appeared = np.zeros((B, CFG.vocab_size), bool)
+    done = np.zeros(B, bool)
+    out_tok, out_real, out_lp = [], [], []
+    for i in range(s.max_new_tokens):
+        full = np.concatenate([toks, gen], 1)
+        fmask = np.concatenate([mask, np.ones_like(gen, bool)], 1)
+        logits, _ = qwen.forward(PARAMS, jnp.asarray(full), CFG, mask=jnp.asarray(fmask))
+        z = np.asarray(logits, np.float64)[:, -1] - s.presence_penalty * appeared
+        x = _np_filter(z, s.temperature, s.top_k, s.top_p)
+        g = np.asarray(jax.random.gumbel(jax.random.fold_in(key, i), x.shape, jnp.float32), np.float64)
+        token = np.argmax(x + g, -1).astype(np.int32)
+        out_tok.append(np.where(done, 0, token))
+        out_real.append(~done)
+        out_lp.append(np.take_along_axis(_np_log_softmax(x), token[:, None], -1)[:, 0])
+        done = done | np.isin(token, s.stop_ids)
+        appeared[np.arange(B), token] = True
+        gen = np.concatenate([gen, token[:, None]], 1)
+    return np.stack(out_tok, 1), np.stack(out_real, 1), np.stack(out_lp, 1)
+
+
+@pytest.mark.parametrize("penalty,temperature,top_p", [(1.5, 1.0, 1.0), (1.5, 0.6, 0.95), (-1.0, 0.8, 1.0)])
+def test_presence_penalty_equals_a_numpy_sampler(penalty, temperature, top_p):
+    """Same keys, same tokens: the jitted decode loop with its carried [B, V] mask draws exactly the
+    tokens of the NumPy sampler, and records the log-prob of the penalised distribution."""
+    toks, mask = _prompts()
+    s = SamplingSettings(max_new_tokens=10, temperature=temperature, top_p=top_p, candidates=3, stop_ids=(7,),
+                         presence_penalty=penalty)
+    key = jax.random.key(21)
+    r = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), key, CFG, s)
+    ref_tok, ref_real, ref_lp = _np_sample_with_presence(toks, mask, key, s)
+    real = np.asarray(r.mask)
+    np.testing.assert_array_equal(real, ref_real)
+    np.testing.assert_array_equal(np.asarray(r.tokens), ref_tok)
+    assert real.sum() >= 30
+    np.testing.assert_allclose(np.asarray(r.logp_sampled)[real], ref_lp[real], atol=3e-5)
+    # the penalty changed the draws: without it the same key gives other tokens
+    plain = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), key, CFG,
+                   dataclasses.replace(s, presence_penalty=0.0))
+    assert not np.array_equal(np.asarray(plain.tokens), ref_tok)
+    # logp_model stays the model's own softmax (re-scored by one full forward)
+    full = np.concatenate([toks, np.asarray(r.tokens)], 1)
+    fmask = np.concatenate([mask, real], 1)
+    logits, _ = qwen.forward(PARAMS, jnp.asarray(full), CFG, mask=jnp.asarray(fmask))
+    model_logp = _np_log_softmax(np.asarray(logits, np.float64)[:, toks.shape[1] - 1:-1])
+    pick = np.take_along_axis(model_logp, np.asarray(r.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(r.logp_model)[real], pick[real], atol=2e-5)
+
+
+def test_presence_penalty_greedy_is_the_argmax_of_the_penalised_logits():
+    """Greedy with the penalty (vLLM applies penalties before the argmax too): a NumPy loop of
+    full forwards taking argmax(logits - 2 * appeared) gives the same tokens."""
+    toks, mask = _prompts()
+    s = SamplingSettings(max_new_tokens=12, temperature=0.0, candidates=2, stop_ids=(7,), presence_penalty=2.0)
+    r = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0), CFG, s)
+    B = toks.shape[0]
+    gen = np.zeros((B, 0), np.int32)
+    appeared = np.zeros((B, CFG.vocab_size), bool)
+    for _ in range(12):
+        full = np.concatenate([toks, gen], 1)
+        fmask = np.concatenate([mask, np.ones_like(gen, bool)], 1)
+        logits, _ = qwen.forward(PARAMS, jnp.asarray(full), CFG, mask=jnp.asarray(fmask))
+        token = np.argmax(np.asarray(logits, np.float64)[:, -1] - 2.0 * appeared, -1)
+        appeared[np.arange(B), token] = True
+        gen = np.concatenate([gen, token[:, None].astype(np.int32)], 1)
+    real = np.asarray(r.mask)
+    np.testing.assert_array_equal(np.asarray(r.tokens)[real], gen[real])
+    assert np.all(np.asarray(r.logp_sampled) == 0.0)
+    plain = sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0), CFG,
+                   dataclasses.replace(s, presence_penalty=0.0))
+    assert not np.array_equal(np.asarray(plain.tokens), np.asarray(r.tokens))  # the penalty mattered
+
+
+def test_presence_penalty_zero_is_the_plain_sampler_and_range_is_checked():
+    """0.0 is the default: the same (hashable) settings, hence the same compiled program."""
+    base = SamplingSettings(max_new_tokens=4, temperature=0.7, stop_ids=(1,))
+    assert dataclasses.replace(base, presence_penalty=0.0) == base and hash(
+        dataclasses.replace(base, presence_penalty=0.0)) == hash(base)
+    for bad in (2.5, -3.0, float("nan"), True, "1.5"):
+        with pytest.raises(ValueError, match="eval.presence_penalty"):
+            dataclasses.replace(base, presence_penalty=bad).check(40, section="eval")

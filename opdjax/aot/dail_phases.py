@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from opdjax.aot.phases import Phase, abstract_key, abstract_tree, lowering_stop_ids, sds
+from opdjax.dail import config as dail_config_lib
 from opdjax.dail import contrastive
 from opdjax.dail.distill import make_step
 from opdjax.models import lora, qwen
@@ -40,7 +41,7 @@ def dail_phases(config, cfg: ModelConfig, plan: ShardingPlan) -> list[Phase]:
     # synthesis: one prompt row per problem, num_samples rows each
     s = c.synthesis
     ppb, n = int(s.problems_per_batch), int(s.num_samples)
-    settings = mixed.MixedSettings(max_new_tokens=int(c.rollout.max_new_tokens), accept_threshold=float(s.accept_threshold),
+    settings = mixed.MixedSettings(max_new_tokens=int(c.rollout.max_new_tokens), accept_threshold=dail_config_lib.accept_threshold_for(c),
                                    top_n=int(s.top_n), retries=int(s.retries), stop_ids=stops, banned_ids=(),
                                    cache_dtype=c.rollout.cache_dtype).check(cfg.vocab_size)
     prompt = lambda dt: sds(plan, (ppb, P), dt, row)  # noqa: E731
@@ -77,7 +78,8 @@ def dail_phases(config, cfg: ModelConfig, plan: ShardingPlan) -> list[Phase]:
     rows = max(shards, _round(int(e.rows_per_call), shards))
     L = _round(P, EVAL_MULTIPLE)
     prompts = (sds(plan, (rows, L), i32, row), sds(plan, (rows, L), bool, row))
-    es = SamplingSettings(max(e.budgets), float(e.temperature), float(e.top_p), candidates=1, stop_ids=stops)
+    es = SamplingSettings(max(e.budgets), float(e.temperature), float(e.top_p), candidates=1, stop_ids=stops,
+                          presence_penalty=float(e.presence_penalty))  # its [B, V] mask is part of the footprint
     phases.append(Phase("eval sampling", sample, (params, *prompts, key), dict(cfg=cfg, settings=es, pad_id=pad_id,
                                                                            plan=plan),
                         f"{rows} rows x {max(e.budgets)} tokens (largest budget)", per_step=False))

@@ -16,7 +16,8 @@ summed with per-token coefficients (default: the mean over the batch's real resp
 Full vocabulary, in chunks of response positions, with the closed-form VJP of opdjax.losses.
 
 Host side: `align` builds the three right-padded token arrays and, per context, the index of the
-position whose next-token logits predict each response token; `check_aligned` asserts it.
+position whose next-token logits predict each response token; `check_aligned` checks it (the
+trainer runs it on every trace at start-up).
 Device side: `contrastive_loss` (pure, jittable).
 """
 from __future__ import annotations
@@ -140,25 +141,38 @@ def align(student_prompts: Sequence[Sequence[int]], expert_prompts: Sequence[Seq
     return AlignedBatch(**out)
 
 
-def check_aligned(batch: AlignedBatch) -> None:
-    """Assert that every context's positions predict exactly the shared response tokens:
-    tokens_c[b, positions_c[b, r] + 1] == response[b, r] on every real r, and that these are real
-    (unpadded) positions. Raises AssertionError naming the context, row and response index."""
+class AlignmentError(ValueError):
+    """The three tokenisations of a trace do not predict the same response tokens."""
+
+
+def check_aligned(batch: AlignedBatch, records: Sequence | None = None) -> None:
+    """Check that every context's positions predict exactly the shared response tokens:
+    tokens_c[b, positions_c[b, r] + 1] == response[b, r] on every real r, at real (unpadded)
+    positions, in arrays of the right shapes. Raises AlignmentError naming the trace (records[b],
+    else its row), the context and the response index. The trainer runs it once on every trace."""
     response = np.asarray(batch.response)
     real = np.asarray(batch.response_mask, bool)
     B, R = response.shape
+    name = lambda b: str(records[b]) if records is not None else f"row {b}"  # noqa: E731
     for ctx in CONTEXTS:
         tokens, mask, positions = (np.asarray(a) for a in batch.context(ctx))
-        assert positions.shape == (B, R), f"positions_{ctx} is {positions.shape}, expected {(B, R)}"
-        assert tokens.shape == mask.shape and tokens.shape[0] == B, f"tokens_{ctx}/mask_{ctx} shapes"
+        if positions.shape != (B, R):
+            raise AlignmentError(f"positions_{ctx} is {positions.shape}, expected {(B, R)}")
+        if tokens.shape != mask.shape or tokens.shape[0] != B:
+            raise AlignmentError(f"tokens_{ctx} {tokens.shape} / mask_{ctx} {mask.shape}: expected [{B}, T]")
         T = tokens.shape[1]
         nxt = np.where(real, positions + 1, 0)
-        assert ((nxt >= 1) & (nxt < T))[real].all(), f"positions_{ctx} out of range [0, {T - 1})"
         rows = np.arange(B)[:, None]
-        assert mask[rows, nxt][real].all(), f"positions_{ctx}: a response token lands on padding"
-        bad = np.argwhere(real & (tokens[rows, nxt] != response))
-        assert bad.size == 0, (f"context {ctx}: row {bad[0][0]}, response index {bad[0][1]}: "
-                               f"tokens[positions + 1] != response" if bad.size else "")
+        at = np.clip(nxt, 0, T - 1)
+        checks = ((real & ((nxt < 1) | (nxt >= T)), f"its position is outside [0, {T - 1})"),
+                  (real & ~mask[rows, at], "it lands on padding"),
+                  (real & (tokens[rows, at] != response), "tokens[position + 1] is another token"))
+        hits = [(tuple(np.argwhere(bad)[0]), what) for bad, what in checks if bad.any()]
+        if hits:
+            (b, r), what = min(hits, key=lambda h: h[0])  # the first trace and response index that fails
+            raise AlignmentError(f"trace {name(b)}: the {ctx} context does not predict response token {r} "
+                                 f"(id {response[b, r]}): {what}. The three contexts must be followed by the "
+                                 "same response ids (contrastive.align builds them so).")
 
 
 # ----------------------------------------------------------------------------- loss (device)

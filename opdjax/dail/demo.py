@@ -80,7 +80,7 @@ def write_report(config, summary) -> str:
     w = config.workdir
     syn, tr, tm = summary["synthesis"], summary["training"], summary["timings"]
     lines = ["# DAIL demo on the embedded toy model", "",
-             f"Model: `{config.model.path}`; tau = {config.synthesis.accept_threshold}, "
+             f"Model: `{config.model.path}`; tau = {syn.get('tau', config.synthesis.accept_threshold)}, "
              f"{config.synthesis.num_samples} samples per problem, gamma = {config.train.gamma}, "
              f"{config.train.divergence} KL, " + (f"LoRA r={config.lora.rank} alpha={config.lora.alpha}"
                                                   if config.lora.enabled else "full fine-tuning") + ".", "",

@@ -7,9 +7,11 @@ context, expert context with the reference, hint context with the landmarks) and
 are appended to each, unchanged (opdjax.dail.contrastive.align), so the three sequences predict
 exactly the same response tokens. The loss per response token is
     KL(pi_theta(.|student, r_<t) || pi_ref(.|expert, r_<t)) - gamma * KL(pi_theta(.|student, r_<t) || pi_ref(.|hint, r_<t))
-(reverse by default, forward as a switch; full vocabulary in chunks), averaged over the step's
-response tokens. pi_ref is M frozen: with LoRA it is the base weights with the adapter switched
-off (no second copy of the weights); with full fine-tuning it is a frozen copy.
+(reverse by default, forward as a switch; full vocabulary in chunks), averaged as config.loss.normalize
+says: per_sequence (default, the authors') = the mean over each trace's response tokens, then over
+the step's traces; kept_tokens = one mean over all the step's response tokens. pi_ref is M frozen:
+with LoRA it is the base weights with the adapter switched off (no second copy of the weights); with
+full fine-tuning it is a frozen copy.
 
 Data order: the trace pipeline (opdjax.data.pipeline) shuffles the traces globally from the seed,
 reshuffling each epoch; the batch of step s is a function of s alone, so a resumed run continues
@@ -29,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opdjax import multihost, sharding
+from opdjax import losses, multihost, sharding
 from opdjax.aot import job as aot_job
 from opdjax.dail import contrastive
 from opdjax.dail.config import traces_path
-from opdjax.dail.prompts import render_contexts
+from opdjax.dail.prompts import check_context_settings, render_contexts, rendered_context_settings
 from opdjax.data.pipeline import DataPipeline
 from opdjax.data.sources import PromptDataError, open_source
 from opdjax.models import lora, qwen
@@ -93,7 +95,8 @@ def load_traces(path: str, data_dir: str = "", split: str = "") -> list[tuple[st
 
 def encode_traces(traces, tokenizer, prompts, stop_id: int, *, pad_id: int, max_prompt_tokens: int,
                   max_response_tokens: int = 0):
-    """The aligned three-context batch of every trace (host NumPy)."""
+    """The aligned three-context batch of every trace (host NumPy), checked: the three contexts'
+    positions predict exactly the trace's response tokens (contrastive.AlignmentError names the trace)."""
     s, e, h, resp, names = [], [], [], [], []
     for name, r in traces:
         ctx = render_contexts(tokenizer, prompts, r["problem"], r["solutions"], r["hint"],
@@ -104,7 +107,9 @@ def encode_traces(traces, tokenizer, prompts, stop_id: int, *, pad_id: int, max_
         # A trace that ended emitted the stop token: training on it teaches M where to stop.
         resp.append(list(r["trace_ids"]) + ([r.get("stop_id", stop_id)] if r.get("ended") else []))
         names.append(name)
-    return contrastive.align(s, e, h, resp, pad_id=pad_id, max_response_tokens=max_response_tokens, records=names)
+    batch = contrastive.align(s, e, h, resp, pad_id=pad_id, max_response_tokens=max_response_tokens, records=names)
+    contrastive.check_aligned(batch, names)  # once, on every trace: the three contexts predict the same tokens
+    return batch
 
 
 def trace_pipeline(config, num_traces: int) -> DataPipeline:
@@ -115,13 +120,18 @@ def trace_pipeline(config, num_traces: int) -> DataPipeline:
                         epoch_end="pad", name="traces")
 
 
-def take_rows(batch, rows: np.ndarray):
-    """The step's rows of the aligned batch and per-token coefficients 1 / (real tokens in the
-    step): a mean over the step's response tokens however it is split into microbatches."""
+def take_rows(batch, rows: np.ndarray, normalize: str = "per_sequence"):
+    """The step's rows of the aligned batch and its per-token coefficients (config.loss.normalize),
+    computed once over the whole step, so that the microbatches' Σ coeff · loss add up to the step's:
+      per_sequence  1 / (the row's response tokens · the step's real rows): the mean over each trace's
+                    tokens, then over the step's traces (the authors: a loss per sequence, averaged);
+      kept_tokens / all_response_tokens  1 / (the step's response tokens): one mean over all of them
+                    (the same in DAIL: no token is dropped).
+    Rows of index -1 (an epoch's top-up) weigh 0 and do not count as traces."""
     picked = jax.tree.map(lambda x: np.asarray(x)[np.maximum(rows, 0)], batch)
     real = np.asarray(picked.response_mask) & (rows >= 0)[:, None]
     picked = picked._replace(response_mask=real)
-    coeff = real / max(int(real.sum()), 1)
+    coeff = np.asarray(losses.token_coefficients(np.ones(real.shape, np.float32), real, normalize))
     return picked, coeff.astype(np.float32)
 
 
@@ -147,7 +157,7 @@ def make_step(cfg, tx, config, spec: "lora.LoraSpec | None", plan, state_sh=None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, frozen, batch, coeff):
-        # coeff is global (1 / the step's tokens), so loss and aux terms add up over microbatches
+        # coeff is global (take_rows: computed over the whole step), so loss and aux terms add up over microbatches
         (loss, aux), grads = accumulate_gradients(lambda p, b: grad_fn(p, frozen, *b), state["params"],
                                                   (batch, coeff), m)
         new_state, metrics = guarded_update(state, loss, grads, tx)
@@ -190,6 +200,9 @@ class DAILJob:
         traces = multihost.run_everywhere(lambda: load_traces(path, config.data.data_dir, config.train.traces_split),
                                           f"reading the traces {path}")
         multihost.agree((len(traces), multihost.fingerprint([r for _, r in traces])), f"traces in {path}")
+        # the contexts rendered here must be those synthesis rendered (prompts.*, the tokenizer)
+        check_context_settings(path, rendered_context_settings(config, tok),
+                               require=bool(config.train.require_context_settings))
         self.data = encode_traces(traces, tok, config.prompts, tok.eos_token_id, pad_id=cfg.pad_token_id or 0,
                                   max_prompt_tokens=config.data.max_prompt_tokens,
                                   max_response_tokens=config.train.max_response_tokens)
@@ -241,7 +254,7 @@ class DAILJob:
 
     def step(self, step: int, state) -> loop.StepResult:
         # every process holds the (small) aligned trace batch; the step's rows come from the pipeline
-        batch, coeff = take_rows(self.data, next(self.pipeline).indices)
+        batch, coeff = take_rows(self.data, next(self.pipeline).indices, self.config.loss.normalize)
         t = time.perf_counter()
         state, out = self.step_fn(state, self.base, *_device_batch(self.plan, batch, coeff))
         # CPU: one step in flight (simulated-device collectives); the metrics are replicated scalars

@@ -3,9 +3,13 @@
     python launch/tpu_run.py --config configs/<dail config>.py --config.job=dail_eval
 
 What it does (DAIL.md, "Evaluation the authors used"): every problem gets `eval.samples` samples
-(n) at `eval.temperature` / `eval.top_p`; each sample has a budget of new tokens (every entry of
-`eval.budgets` is its own run), and a sample that runs out of budget gets `eval.forced_answer`
-appended and `eval.answer_tokens` more tokens (opdjax.eval.budget). Samples are graded with the
+(n) at `eval.temperature` / `eval.top_p` with `eval.presence_penalty` (vLLM's: subtracted from the
+logit of every token the sample has already generated, before temperature and top-p); each sample
+has a budget of new tokens (every entry of `eval.budgets` is its own run). As the authors ran it
+(opdjax.eval.budget has the exact rule): with thinking on (prompts.enable_thinking) the budget is
+the thinking part's (generation stops at `eval.thinking_end`, "</think>") and every sample then gets
+`eval.forced_answer` and up to `eval.answer_tokens` more tokens; with thinking off the budget bounds
+the whole response and the samples whose text holds no answer the grader can extract are forced. Samples are graded with the
 project's math checker (`eval.kind = math`) or the multiple-choice letter extractor
 (`eval.kind = choice`, GPQA-style; options shuffled per problem, opdjax.eval.choice). pass@k is
 the unbiased estimator for every k = 1..n.
@@ -37,12 +41,13 @@ import numpy as np
 from opdjax import multihost, sharding
 from opdjax.aot import job as aot_job
 from opdjax.dail.prompts import render_student_prompt
-from opdjax.data.grading import grade_batch
+from opdjax.data.grading import extract_answer, grade_batch
 from opdjax.data.prompts import Problem
 from opdjax.data.records import PromptDataError, describe_fields, iter_records
 from opdjax.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
 from opdjax.eval import choice as choice_lib
-from opdjax.eval.budget import generate_with_budget
+from opdjax.eval.budget import generate_with_budget, thinking_end_id
+from opdjax.errors import ConfigError
 from opdjax.eval.passk import default_ks, pass_at_k_table, plot_pass_at_k
 from opdjax.models.load import load_model, model_config, model_tokenizer
 from opdjax.rollout.sampler import SamplingSettings
@@ -79,6 +84,7 @@ def _math_item(p) -> tuple[str, str]:
 def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *,
                      prompt_ids_fn: Callable[[str], list[int]], kind: str = "math", samples: int,
                      budgets: Sequence[int], temperature: float, top_p: float = 1.0,
+                     presence_penalty: float = 0.0, thinking: bool = False, thinking_end: str = "</think>",
                      forced_answer: str, answer_tokens: int, stop_ids: Sequence[int], key, plan=None,
                      shuffle_seed: int = 0, rows_per_call: int = ROWS_PER_CALL, length_multiple: int = 32,
                      callback: Callable[[str, int, dict], None] | None = None) -> dict:
@@ -89,12 +95,15 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
     problems: kind="math": prompts.Problem (or mappings with prompt/answer); kind="choice":
       choice.ChoiceProblem (shown as `choice_prompt` of its options shuffled with `shuffle_seed`).
     prompt_ids_fn: problem text -> token ids of the rendered prompt.
+    presence_penalty, thinking, thinking_end: see opdjax.eval.budget (thinking=False: a sample is
+      forced when the grader finds no answer in it).
     callback(name, budget, entry): called after each (model, budget), e.g. for progress.
 
     Returns {"kind", "samples", "ks", "budgets", "num_problems", "temperature", "top_p",
-    "forced_answer", "answer_tokens", "problems": [{id, answer}], "models": {name: {budget: entry}}}
-    with entry = {"pass_at_k": {k: float}, "accuracy" (= pass@1), "mean_thinking_tokens",
-    "mean_total_tokens", "forced_share", "correct_counts": [per problem], "seconds", "example"}.
+    "presence_penalty", "thinking", "forced_answer", "answer_tokens", "problems": [{id, answer}],
+    "models": {name: {budget: entry}}} with entry = {"pass_at_k": {k: float}, "accuracy" (= pass@1),
+    "mean_thinking_tokens", "mean_total_tokens", "forced_share", "exhausted_share" (ran out of
+    budget), "correct_counts": [per problem], "seconds", "example"}.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {KINDS} (eval.kind).")
@@ -130,11 +139,17 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
     row_choices = [c for c in num_choices for _ in range(samples)] if num_choices is not None else None
     prompt_len = -(-max(map(len, prompt_ids)) // length_multiple) * length_multiple  # same for every call
     settings = SamplingSettings(max(budgets), float(temperature), float(top_p), candidates=1,
-                                stop_ids=tuple(sorted({int(i) for i in stop_ids})))
+                                stop_ids=tuple(sorted({int(i) for i in stop_ids})),
+                                presence_penalty=float(presence_penalty))
+
+    def has_answer(row: int, text: str) -> bool:  # thinking off: force the samples without an answer
+        if kind == "math":
+            return extract_answer(text) is not None
+        return choice_lib.extract_choice(text, row_choices[row]) is not None
 
     out = {"kind": kind, "samples": int(samples), "ks": list(range(1, samples + 1)), "budgets": budgets,
            "num_problems": len(problems), "temperature": float(temperature), "top_p": float(top_p),
-           "forced_answer": forced_answer, "answer_tokens": int(answer_tokens),
+           "presence_penalty": float(presence_penalty), "thinking": bool(thinking), "forced_answer": forced_answer, "answer_tokens": int(answer_tokens),
            "problems": [{"id": i, "answer": g} for i, g in zip(ids, golds)], "models": {}}
     for name, model in models.items():
         params, cfg = model() if callable(model) else model
@@ -145,7 +160,8 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
             res = generate_with_budget(params, cfg, tokenizer, rows, budget=budget, forced_answer=forced_answer,
                                        answer_tokens=answer_tokens, settings=settings, key=key, plan=plan,
                                        rows_per_call=rows_per_call, length_multiple=length_multiple,
-                                       prompt_len=prompt_len)
+                                       prompt_len=prompt_len, thinking=thinking, thinking_end=thinking_end,
+                                       has_answer=has_answer)
             correct = np.array(multihost.map_split(_grader(kind), _grading_items(res.texts, row_golds, row_choices),
                                                    "grading the samples", batched=True), bool)
             correct = correct.reshape(len(problems), samples)
@@ -156,6 +172,7 @@ def pass_at_k_curves(models: Mapping[str, Any], tokenizer, problems: Sequence, *
                 "mean_thinking_tokens": float(res.thinking_tokens.mean()),
                 "mean_total_tokens": float(np.mean([len(t) for t in res.token_ids])),
                 "forced_share": float(res.forced.mean()),
+                "exhausted_share": float(res.exhausted.mean()),
                 "correct_counts": [int(c) for c in correct.sum(axis=1)],
                 "seconds": time.perf_counter() - t0,
                 "example": res.texts[0][:EXAMPLE_CHARS],
@@ -197,7 +214,8 @@ def markdown_table(summary: dict) -> str:
     n = summary["samples"]
     lines = ["# pass@k", "",
              f"{summary['kind']} · {summary['num_problems']} problems · n = {n} samples per problem · "
-             f"temperature {summary['temperature']:g} · top-p {summary['top_p']:g} · unbiased estimator "
+             f"temperature {summary['temperature']:g} · top-p {summary['top_p']:g} · presence penalty "
+             f"{summary.get('presence_penalty', 0.0):g} · unbiased estimator "
              "(passk.json has every k)", ""]
     for budget in summary["budgets"]:
         lines += [f"## Budget {budget} tokens", "", "| k | " + " | ".join(names) + " |",
@@ -250,6 +268,13 @@ def _check_eval(config) -> None:
         raise ValueError(f"config.eval.budgets={budgets!r} must be one or more integers >= 1.")
     if not (isinstance(e.answer_tokens, int) and e.answer_tokens >= 1):
         raise ValueError(f"config.eval.answer_tokens={e.answer_tokens!r} must be an integer >= 1.")
+    pp = e.presence_penalty
+    if isinstance(pp, bool) or not isinstance(pp, (int, float)) or not -2.0 <= pp <= 2.0:
+        raise ConfigError(f"config.eval.presence_penalty={pp!r} must be a number in [-2, 2] (vLLM's range; "
+                          "0 = off; the authors evaluated with 1.5).")
+    if not isinstance(e.thinking_end, str):
+        raise ConfigError(f"config.eval.thinking_end={e.thinking_end!r} must be a string: the model's "
+                          "end-of-thinking token (\"</think>\"), read when config.prompts.enable_thinking is on.")
     if not (isinstance(e.num_problems, int) and e.num_problems >= 0):
         raise ValueError(f"config.eval.num_problems={e.num_problems!r} must be an integer >= 0 (0 = all).")
     for pair in e.models:
@@ -355,6 +380,11 @@ def run(config) -> dict:
     _check_eval(config)
     e = config.eval
     tokenizer = load_tokenizer_for(config.model, "model")
+    if config.prompts.enable_thinking and thinking_end_id(tokenizer, e.thinking_end) is None:
+        raise ConfigError(f"config.eval.thinking_end={e.thinking_end!r} is not one token of config.model's "
+                          "vocabulary, but config.prompts.enable_thinking is on: the thinking budget needs the "
+                          "end-of-thinking token (\"</think>\" for Qwen3); or set prompts.enable_thinking=False "
+                          "for a model without thinking tags.")
     problems = load_eval_problems(config)
     sources = evaluated_models(config, tokenizer)
     # every process evaluates the same models (a model seen by some processes only would part them)
@@ -399,7 +429,8 @@ def run(config) -> dict:
         summary = pass_at_k_curves(
             loaders, tokenizer, problems, prompt_ids_fn=prompt_ids_fn, kind=e.kind, samples=e.samples,
             budgets=tuple(e.budgets), temperature=float(e.temperature), top_p=float(e.top_p),
-            forced_answer=e.forced_answer, answer_tokens=e.answer_tokens,
+            presence_penalty=float(e.presence_penalty), thinking=bool(config.prompts.enable_thinking),
+            thinking_end=e.thinking_end, forced_answer=e.forced_answer, answer_tokens=e.answer_tokens,
             stop_ids=stop_ids(tokenizer, cfgs.values()), key=jax.random.key(config.seed), plan=plan,
             shuffle_seed=config.seed, rows_per_call=int(e.rows_per_call), callback=on_result)
     summary["model_paths"] = {n: p for n, (_, p) in sources.items()}

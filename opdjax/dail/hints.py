@@ -7,7 +7,8 @@ a solution's *destination and waypoints* are, and nothing of how to get there:
 
     answer  the final answer: grading's `extract_answer` (last \\boxed{...}, nested braces kept,
             else "The answer is X" / "Answer: X"); None when the solution has none (proofs).
-    items   the landmarks, in order of first appearance, the first `max_landmarks` kept:
+    items   the landmarks (what counts: below), listed as `order` says and, with `max_landmarks`
+            > 0, only the first `max_landmarks` found (in order of appearance) kept:
             - numbers: integers, decimals, 5/16, \\frac{5}{16} (also \\dfrac, \\tfrac, \\frac12),
               negatives (-3: a minus sign attached to the number and not preceded by a letter,
               digit or closing bracket, so x-3 and 5 - 3 give 3), thousands written 1,000,
@@ -33,6 +34,17 @@ Dropped as uninformative (deterministic, spelling-based):
 Deduplication: numbers by exact value (the first spelling is kept), expressions by their text
 with whitespace removed.
 
+Listing (the authors' rule by default; their train/dail_train.py `form_cheating_hint` builds a
+set of extracted entities, lists `sorted(...)` of it in full, and allows an empty list):
+    order="sorted" (default, config hint.order)  the items sorted as Python sorts strings, by code
+            point ("10" < "2" < "3/4" < "\\frac..." < "x = 5"), as the authors sort; so the hint
+            gives the waypoints without the order in which the solution reaches them;
+    order="appearance"  the order of first appearance in the solution (the toy model M was
+            trained with hints in this order);
+    max_landmarks=0 (default, config hint.max_landmarks)  every landmark, uncapped (authors);
+            N > 0 keeps the first N found, by appearance, before they are ordered.
+    No landmarks and no answer (a proof in words): `hint_text` uses hint.text_empty, not an error.
+
 Known limits: a `$` used as currency pairs with the next `$` as if it were math (competition
 solutions write \\$); "(1,234)" reads as one thousand two hundred thirty-four.
 """
@@ -43,7 +55,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterator
 
-from opdjax.dail.config import HINT_TEXT_NO_ANSWER  # the hint of a solution with no final answer (proofs)
+from opdjax.dail.config import HINT_TEXT_EMPTY, HINT_TEXT_NO_ANSWER  # hints of a solution with no final answer
 from opdjax.dail.prompts import fill
 from opdjax.data.grading import extract_answer
 
@@ -165,25 +177,34 @@ def _candidates(text: str, max_expression_chars: int) -> Iterator[tuple[str, tup
     yield from _numbers(text[position:])
 
 
-def landmarks(solution: str, *, max_landmarks: int = 8, max_expression_chars: int = 24,
-              problem: str = "") -> Landmarks:
-    """The final answer and the first `max_landmarks` landmarks of `solution` (module docstring:
-    what counts, what is dropped). With `problem`, numbers and expressions that the problem
-    statement already gives are not landmarks either. Pure and deterministic."""
+ORDERS = ("sorted", "appearance")  # hint.order
+
+
+def landmarks(solution: str, *, max_landmarks: int = 0, max_expression_chars: int = 24,
+              problem: str = "", order: str = "sorted") -> Landmarks:
+    """The final answer and the landmarks of `solution` (module docstring: what counts, what is
+    dropped, how they are listed): every one with max_landmarks=0 (default), else the first
+    `max_landmarks` found; sorted by text (default) or in order of appearance. With `problem`,
+    numbers and expressions that the problem statement already gives are not landmarks either.
+    Pure and deterministic."""
     for name, value in (("max_landmarks", max_landmarks), ("max_expression_chars", max_expression_chars)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     answer = extract_answer(solution or "")
     seen = {key for _, key in _candidates(_unbox(problem or ""), max_expression_chars)}
     if answer is not None:
         seen.add(_key(answer))
     items: list[str] = []
     for item, key in _candidates(_unbox(solution or ""), max_expression_chars):
-        if len(items) >= max_landmarks:
+        if max_landmarks and len(items) >= max_landmarks:
             break
         if key not in seen:
             seen.add(key)
             items.append(item)
+    if order == "sorted":
+        items.sort()
     return Landmarks(answer=answer, items=tuple(items))
 
 
@@ -192,10 +213,19 @@ def check_hint_config(hint: Any) -> None:
     fill(hint.text, "hint.text", answer="", landmarks="")
     fill(hint.text_no_landmarks, "hint.text_no_landmarks", answer="")
     fill(getattr(hint, "text_no_answer", HINT_TEXT_NO_ANSWER), "hint.text_no_answer", landmarks="")
+    empty = getattr(hint, "text_empty", HINT_TEXT_EMPTY)
+    if not isinstance(empty, str) or not empty.strip():
+        raise ValueError(f"config.hint.text_empty={empty!r} must be a non-empty string: the hint of a "
+                         "solution with no final answer and no landmarks.")
     for name in ("max_landmarks", "max_expression_chars"):
         value = getattr(hint, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.hint.{name} must be an integer >= 0, got {value!r}")
+            raise ValueError(f"config.hint.{name} must be an integer >= 0"
+                             + (" (0 = no cap)" if name == "max_landmarks" else "") + f", got {value!r}")
+    order = getattr(hint, "order", "sorted")
+    if order not in ORDERS:
+        raise ValueError(f"config.hint.order={order!r}: choose one of {ORDERS} (sorted = the authors' "
+                         "listing, appearance = the solution's order).")
 
 
 def hint_text(solution: str, hint: Any, *, problem: str = "") -> str:
@@ -203,11 +233,12 @@ def hint_text(solution: str, hint: Any, *, problem: str = "") -> str:
     `problem` to leave out what it already gives (`landmarks`).
 
     answer and landmarks -> hint.text; answer only -> hint.text_no_landmarks; landmarks only (a
-    proof) -> hint.text_no_answer if the config has it, else HINT_TEXT_NO_ANSWER. Neither is a
-    ValueError (the caller names the record): the hint context would be the student's.
+    proof) -> hint.text_no_answer if the config has it, else HINT_TEXT_NO_ANSWER; neither ->
+    hint.text_empty if the config has it, else HINT_TEXT_EMPTY (the authors allow an empty list).
     """
     found = landmarks(solution, max_landmarks=hint.max_landmarks,
-                      max_expression_chars=hint.max_expression_chars, problem=problem)
+                      max_expression_chars=hint.max_expression_chars, problem=problem,
+                      order=getattr(hint, "order", "sorted"))
     listed = LANDMARK_SEPARATOR.join(found.items)
     if found.answer is not None and found.items:
         return fill(hint.text, "hint.text", answer=found.answer, landmarks=listed)
@@ -216,6 +247,4 @@ def hint_text(solution: str, hint: Any, *, problem: str = "") -> str:
     if found.items:
         template = getattr(hint, "text_no_answer", HINT_TEXT_NO_ANSWER)
         return fill(template, "hint.text_no_answer", landmarks=listed)
-    raise ValueError("the expert solution has no final answer (no \\boxed{...}, no \"The answer "
-                     "is ...\") and no numbers or short expressions to hint with, so its hint "
-                     "would be empty")
+    return getattr(hint, "text_empty", HINT_TEXT_EMPTY)

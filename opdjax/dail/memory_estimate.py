@@ -21,6 +21,9 @@ train step (rows = batch.sequences_per_step / batch.microbatches; T = Pc + N per
   gradients                   = trainable (x 2 with microbatches: accumulator + this one)
   saved layer inputs          (L + 1) x [rows, T, D]: only the student forward is differentiated
   layer fwd + bwd             2 x one layer's working set over T
+  LoRA branch (float32)       2 x [rows, T, widest adapted in/out dim] float32: the adapter's term
+                              s (x @ a) @ b beside its projection's accumulator (LoRA runs on the
+                              activations: no merged weight, no weight-shaped gradient)
   reference hidden states     2 x [rows, N, D]: expert and hint contexts at the response positions
   reference layer             one layer's forward working set (no gradient, freed per layer)
   loss chunk                  [rows, c, V] float32 x 3 (student, positive, negative) x 2 (backward),
@@ -36,6 +39,18 @@ from opdjax.train.memory import (_ITEMSIZE, _SHORT, CHIPS, GPU_CHIPS, MemoryEsti
 from opdjax.errors import ConfigError
 
 __all__ = ["estimate_dail_memory", "check_fits", "format_table"]
+
+# The (input, output) of each adaptable projection, by the activation they are (their logical axes).
+_ACT_DIMS = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+             "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+_ACT_NAME = {"embed": "act_embed", "heads": "act_heads", "kv_heads": "act_kv_heads", "mlp": "act_mlp"}
+
+
+def _flat_width(cfg: ModelConfig, target: str, side: int) -> int:
+    """The flattened input (side 0) or output (side 1) width of a projection, as lora flattens it."""
+    dims = {"embed": cfg.hidden_size, "heads": cfg.num_heads * cfg.head_dim,
+            "kv_heads": cfg.num_kv_heads * cfg.head_dim, "mlp": cfg.intermediate_size}
+    return dims[_ACT_DIMS[target][side]]
 
 
 def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: str | None = None,
@@ -116,6 +131,19 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
         block = attention_block(T)
         add("layer fwd + bwd", "train step", 3 * _layer_working_set(cfg, r, T, T, block, b, sh),
             f"2 x 1 student layer + 1 reference layer, {r} rows x {T}", sh.describe((r,), ("batch",)))
+        if config.lora.enabled:
+            # lora.adapter_delta: each adapted projection's float32 term [rows, T, out] (and, for a
+            # bfloat16 model, the float32 copy of its input) lives beside the projection's float32
+            # accumulator until they are added. Ours, measured: XLA:CPU's compiled step
+            # (bench/bench_dail_lora.py, setup 8b: Qwen3-8B float32, r=32, 1 row x 2,304 tokens) has
+            # 242 MiB more scratch than the former merge path, ~2 x [1, 2304, 12288] float32 (216
+            # MiB); GPU and TPU, which can fuse the add into the matmul, were not measured.
+            width, act = max((_flat_width(cfg, t, side), _ACT_NAME[name])
+                               for t in lora.LoraSpec.from_config(config.lora).targets
+                               for side, name in zip((0, 1), _ACT_DIMS[t]))
+            shape = (r, T, width)
+            add("LoRA branch (float32)", "train step", 2 * sh.elements(shape, ("batch", "length", act)) * 4,
+                _fmt_shape(shape, "float32", 2), sh.describe(shape, ("batch", "length", act)))
         add("reference hidden states", "train step", 2 * sh.elements((r, N, D), hid) * b, _fmt_shape((r, N, D), dt, 2),
             sh.describe((r, N, D), hid))
         c = min(int(config.loss.chunk_tokens), N)

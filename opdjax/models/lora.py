@@ -4,8 +4,9 @@ An adapter is a pytree with one entry per adapted projection ("target"):
 
     adapter = {target: {"a": [L, in, r], "b": [L, r, out]}}      scale = alpha / r (not in the tree)
 
-and layer l's weight becomes W_l + scale * (a_l @ b_l) reshaped to W_l's shape. Our weights are
-stored input-dims-first, [L, *in_dims, *out_dims] (y = x @ W), and `in` / `out` are those dims
+and layer l's projection y = x @ W_l becomes y = x @ W_l + scale * (x @ a_l) @ b_l (the merged
+weight W_l + scale * a_l @ b_l, reshaped to W_l's shape, is the same map). Our weights are stored
+input-dims-first, [L, *in_dims, *out_dims] (y = x @ W), and `in` / `out` are those dims
 flattened row-major:
 
     target   weight (qwen.LAYER_AXES)                in = (dims)          out = (dims)
@@ -19,15 +20,22 @@ flattened row-major:
 `qwen.param_shapes`, the one place the layout is defined.
 
 Running: `qwen.apply(params, tokens, cfg, layer_transform=layer_transform(adapter, spec.scale))`
-merges each layer's delta inside the layer scan (one layer's delta in memory at a time; the base
-params are untouched and the gradient reaches a and b). Without it `qwen.apply` is the base model
-itself: the frozen reference of DAIL is the same params with the adapter switched off, no second
-copy.
+adds the adapter on the activations, as PEFT does (`adapter_delta`): at each adapted projection
+scale * (x @ a) @ b, computed in float32 from the float32 adapter, goes into the projection's
+float32 accumulator before its one rounding to the activation dtype. The weights are never
+rewritten, so an update far below half an ulp of a bfloat16 W (which W + scale * a @ b rounded
+to bfloat16 would drop) still moves the output, and the backward pass makes only the [in, r] and
+[r, out] adapter gradients, no weight-shaped one (bench/bench_dail_lora.py measures both paths).
+Without it `qwen.apply` is the base model itself: the frozen reference of DAIL is the same params
+with the adapter switched off, no second copy. `merge` / `export_merged` fold the adapter into
+the weights for export (`merge_layer`: one layer).
 
 PEFT correspondence (peft's LoRA on transformers' nn.Linear, weight [out, in], y = x W^T):
     lora_A.weight [r, in],  lora_B.weight [out, r],  y += scaling * x A^T B^T,  scaling = alpha / r
 so per layer  a_l = A^T  and  b_l = B^T, with HF's flattened in/out indices equal to ours
-(HF q_proj row h*hd + j is our q[:, h, j]; o_proj column h*hd + j is our o[h, j, :]).
+(HF q_proj row h*hd + j is our q[:, h, j]; o_proj column h*hd + j is our o[h, j, :]). peft's
+default (autocast_adapter_dtype=True: float32 adapter weights, the input cast to float32 for the
+adapter branch) is what `adapter_delta` computes.
 `save_adapter` writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
 that `peft.PeftModel.from_pretrained(base_hf_model, path)` loads, and `load_adapter` reads one.
 
@@ -214,32 +222,60 @@ def check_adapter(adapter: Adapter, cfg: ModelConfig, spec: LoraSpec) -> None:
                                  f"rank {spec.rank} imply {list(s[part])}.")
 
 
+# ---------------------------------------------------------------------------------------- running
+def adapter_delta(target: str, x: jax.Array, layer_adapter: Adapter, scale,
+                  plan: ShardingPlan | None = None) -> jax.Array | None:
+    """scale * (x @ a) @ b for projection `target` of one layer (None when it is not adapted):
+    float32 [..., out], x [..., *in_dims] in the activation dtype, a [in, r], b [r, out].
+
+    In float32 throughout, as peft computes its LoRA branch by default (autocast_adapter_dtype:
+    float32 adapter, input cast to float32): the term keeps its own magnitude however small it
+    is next to x @ W, and `qwen` adds it to the projection's float32 accumulator before the one
+    rounding to the activation dtype. Costs 2 r (in + out) flops per row against 2 in * out for
+    x @ W (r = 32 on Qwen3-8B's q: 1.6%). The scale goes on x @ a ([.., r], the smaller side)."""
+    if target not in layer_adapter:
+        return None
+    a, b = layer_adapter[target]["a"], layer_adapter[target]["b"]
+    n_in = IN_DIMS[target]
+    lead = x.shape[:x.ndim - n_in]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or int(np.prod(x.shape[len(lead):])) != a.shape[0]:
+        raise ValueError(f"adapter {target}: a {list(a.shape)} @ b {list(b.shape)} does not fit an input "
+                         f"{list(x.shape)} (per layer: a [in, r], b [r, out], in = the input dims flattened).")
+    h = jnp.einsum("...i,ir->...r", x.reshape(*lead, a.shape[0]).astype(jnp.float32), a.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+    if plan is not None and h.ndim == 3:
+        h = plan.constrain(h, ("batch", "length", None))
+    return jnp.einsum("...r,ro->...o", h * scale, b.astype(jnp.float32), preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdapterDelta:
+    # A hashable hook (equal for equal plans): a jit argument carrying it compiles once.
+    plan: ShardingPlan | None
+
+    def __call__(self, target: str, x: jax.Array, layer_adapter: Adapter, scale):
+        return adapter_delta(target, x, layer_adapter, scale, self.plan)
+
+
+def layer_transform(adapter: Adapter, scale, plan: ShardingPlan | None = None) -> qwen.LayerTransform:
+    """The `qwen.apply(..., layer_transform=)` that runs the model with the adapter on: every
+    adapted projection of layer l computes x @ W_l + scale * (x @ a_l) @ b_l (`adapter_delta`,
+    the activation path; the weights are not rewritten)."""
+    return qwen.LayerTransform(None, adapter, scale, delta=_AdapterDelta(plan))
+
+
 # ---------------------------------------------------------------------------------------- merging
 def merge_layer(lp: dict, layer_adapter: Adapter, scale, plan: ShardingPlan | None = None) -> dict:
     """One layer's params (no layer dim) with each adapted weight W -> W + scale * a @ b.
 
-    The delta is accumulated in float32 and added to W in float32, rounded once to W's dtype.
-    Used inside `qwen.apply`'s layer scan (`layer_transform`) and by `merge`, so both give the
-    same weights."""
+    The delta is accumulated in float32 and added to W in float32, rounded once to W's dtype
+    (in bfloat16 an update below half an ulp of W is lost here; `layer_transform` keeps it).
+    For export (`merge`) and for comparing the two paths (bench/bench_dail_lora.py); training
+    runs `layer_transform`."""
     lp = dict(lp)
     for t, ab in layer_adapter.items():
         lp[t] = _merged_weight(t, lp[t], ab["a"], ab["b"], scale, plan)
     return lp
-
-
-@dataclasses.dataclass(frozen=True)
-class _MergeAdapter:
-    # A hashable hook (equal for equal plans): a jit argument carrying it compiles once.
-    plan: ShardingPlan | None
-
-    def __call__(self, lp: dict, layer_adapter: Adapter, scale) -> dict:
-        return merge_layer(lp, layer_adapter, scale, self.plan)
-
-
-def layer_transform(adapter: Adapter, scale, plan: ShardingPlan | None = None) -> qwen.LayerTransform:
-    """The `qwen.apply(..., layer_transform=)` that runs the model with the adapter on: layer l's
-    weights become W_l + scale * a_l @ b_l, merged inside the layer scan (see `merge_layer`)."""
-    return qwen.LayerTransform(_MergeAdapter(plan), adapter, scale)
 
 
 def _merged_weight(t: str, w, a, b, scale, plan: ShardingPlan | None):

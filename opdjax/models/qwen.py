@@ -234,12 +234,27 @@ def _mm(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return out.astype(jnp.result_type(a.dtype, b.dtype))
 
 
+def _proj(name: str, eq: str, x: jax.Array, w: jax.Array, delta=None) -> jax.Array:
+    """Projection `name` (a key of LAYER_AXES) of x by w, as `_mm`. With `delta` (a layer's
+    `LayerTransform.delta`, bound to the layer), delta(name, x) -> None or a float32 term of the
+    output's elements (any shape of the same size, e.g. [B, T, out] flattened) is added to the
+    float32 accumulator before the single rounding to the output dtype. Without it: `_mm` itself."""
+    if delta is None:
+        return _mm(eq, x, w)
+    extra = delta(name, x)
+    if extra is None:
+        return _mm(eq, x, w)
+    out = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+    out = out + extra.astype(jnp.float32).reshape(out.shape)
+    return out.astype(jnp.result_type(x.dtype, w.dtype))
+
+
 def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: ModelConfig, plan,
-               attn_chunk: int | None = ATTN_CHUNK):
+               attn_chunk: int | None = ATTN_CHUNK, delta=None):
     B, T, _ = x.shape
-    q = _mm("btd,dhk->bthk", x, lp["q"])
-    k = _mm("btd,dhk->bthk", x, lp["k"])
-    v = _mm("btd,dhk->bthk", x, lp["v"])
+    q = _proj("q", "btd,dhk->bthk", x, lp["q"], delta)
+    k = _proj("k", "btd,dhk->bthk", x, lp["k"], delta)
+    v = _proj("v", "btd,dhk->bthk", x, lp["v"], delta)
     if cfg.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     if cfg.qk_norm:
@@ -291,7 +306,7 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
                           (q_blocks, slot_blocks))
         out = out.swapaxes(0, 1).reshape(B, n * c, *out.shape[3:])[:, :T]
         out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
-    y = _mm("bthk,hkd->btd", out.astype(x.dtype), lp["o"])
+    y = _proj("o", "bthk,hkd->btd", out.astype(x.dtype), lp["o"], delta)
     if cfg.o_bias:
         y = y + lp["o_bias"]
     return y, new_cache
@@ -321,35 +336,44 @@ def _attend(q, keys, values, key_valid, q_slots, cfg: ModelConfig, plan):
     return constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
 
 
-def _mlp(x, lp, plan):
-    gate = _mm("btd,df->btf", x, lp["gate"])
-    up = _mm("btd,df->btf", x, lp["up"])
+def _mlp(x, lp, plan, delta=None):
+    gate = _proj("gate", "btd,df->btf", x, lp["gate"], delta)
+    up = _proj("up", "btd,df->btf", x, lp["up"], delta)
     h = constrain(plan, jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return _mm("btf,fd->btd", h, lp["down"])
+    return _proj("down", "btf,fd->btd", h, lp["down"], delta)
 
 
-def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan, attn_chunk):
+def _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan, attn_chunk, delta=None):
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     attn, new_cache = _attention(h, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
-                                 attn_chunk)
+                                 attn_chunk, delta)
     x = x + attn
-    x = x + _mlp(rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), lp, plan)
+    x = x + _mlp(rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), lp, plan, delta)
     return constrain(plan, x, ("batch", "length", "act_embed")), new_cache
 
 
 # ---------------------------------------------------------------------------------------- model
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("stacked", "shared"), meta_fields=("fn",))
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("stacked", "shared"),
+                   meta_fields=("fn", "delta"))
 @dataclasses.dataclass(frozen=True)
 class LayerTransform:
-    """A rewrite of each layer's params inside `apply`'s layer scan: layer l runs with
-    fn(layer_params_l, stacked_l, shared) instead of layer_params_l.
+    """A per-layer change of the model inside `apply`'s layer scan, in either or both of two forms:
 
-    stacked: a pytree of [L, ...] arrays, scanned with the layers (fn sees layer l's slice);
-    shared: a pytree given whole to every layer. A pytree itself, so it can be a jit argument;
-    fn is static (hashable: part of the compilation key). LoRA: opdjax.models.lora.layer_transform."""
-    fn: Callable[[Params, Any, Any], Params]
+    fn: layer l runs with params fn(layer_params_l, stacked_l, shared) instead of layer_params_l
+        (a rewrite of the weights; None: the params as they are);
+    delta: every projection y = x @ W of layer l (name in q, k, v, o, gate, up, down) gets
+        delta(name, x, stacked_l, shared) added to its float32 accumulator before the one rounding
+        to the output dtype; delta returns None for a projection it leaves alone, else a float32
+        array of the output's size ([B, T, out], out = the output dims flattened row-major).
+
+    stacked: a pytree of [L, ...] arrays, scanned with the layers (fn and delta see layer l's
+    slice); shared: a pytree given whole to every layer. A pytree itself, so it can be a jit
+    argument; fn and delta are static (hashable: part of the compilation key). LoRA's activation
+    path (y = x @ W + s * (x @ A) @ B, as PEFT computes it): opdjax.models.lora.layer_transform."""
+    fn: Callable[[Params, Any, Any], Params] | None
     stacked: Any
     shared: Any = None
+    delta: Callable[[str, jax.Array, Any, Any], jax.Array | None] | None = None
 
 
 def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
@@ -365,9 +389,9 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     it (None: all T queries at once). Same result either way; bounds the float32 scores.
     remat: static bool, recompute each layer in the backward pass instead of keeping its
     intermediates (training: activation memory is one [B, T, D] per layer plus one layer's).
-    layer_transform: None, or a LayerTransform applied to each layer's params inside the scan,
-    one layer at a time (the params are not modified; gradients reach its arrays). None is
-    exactly the plain model.
+    layer_transform: None, or a LayerTransform applied to each layer inside the scan, one layer at
+    a time (the params are not modified; gradients reach its arrays). None is exactly the plain
+    model.
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -390,10 +414,15 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
     stacked = None if layer_transform is None else layer_transform.stacked
 
     def layer(x, lp, layer_stacked, layer_cache):
+        delta = None
         if layer_transform is not None:
-            lp = layer_transform.fn(lp, layer_stacked, layer_transform.shared)
+            t = layer_transform
+            if t.fn is not None:
+                lp = t.fn(lp, layer_stacked, t.shared)
+            if t.delta is not None:
+                delta = lambda name, h: t.delta(name, h, layer_stacked, t.shared)  # noqa: E731
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
-                              attn_chunk)
+                              attn_chunk, delta)
 
     if cache is None:
         def body(x, scanned):

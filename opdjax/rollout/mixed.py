@@ -12,12 +12,21 @@ caches are fed the same chosen token, so both contexts always extend the same te
   draw from V renormalised (a "fallback": the expert context took over).
 
 So the student speaks unless it strays from the expert's path. Banned ids (the end-of-thinking
-token during synthesis) get -inf logits in both contexts before anything else: they are outside
-the vocabulary M may choose from, and V is a distribution over what remains.
+token during synthesis) are removed as the authors remove them (their
+generate_expert_completions.py: the suppressed token's probability is set to 0 in both top-20
+arrays, and only the proposal and the fallback draw renormalise): each top-n is taken over the
+whole vocabulary, banned ids included, and a banned id in it is then dropped. So P and the
+fallback draw are renormalised over the remaining ids, but V is NOT: V[c] keeps its probability
+under the full softmax, in which the banned id still holds its mass. When the expert context puts
+mass q on `</think>`, every other V[c] stays below 1 - q, so the student's proposals pass tau less
+often there, and the expert (renormalised) takes over (tests/test_dail_mixed.py has a case where
+renormalising V would flip every decision). A top-n that is all banned ids is refused by
+`MixedSettings.check` (top_n must exceed the number of banned ids).
 
 Keys: step i uses k_i = fold_in(key, i), as the student sampler does, and at tau = 0 (tau = 1)
 the draw is exactly `sampler.sample`'s with top_k = n on the student (expert) prompt with the
-same key — the extremes are the plain samplers, not approximations of them. The retries use
+same key (with no banned id in the step's top-n) — the extremes are the plain samplers, not
+approximations of them. The retries use
 fold_in(k_i, j) for j = 1..retries-1 (the first retry is k_i itself) and the fallback
 fold_in(k_i, retries).
 """
@@ -66,9 +75,10 @@ class MixedSettings:
         clash = sorted(set(self.stop_ids) & set(self.banned_ids))
         if clash:
             raise ValueError(f"config.{section}.ban_tokens bans stop id {clash[0]}: generation could never end.")
-        if self.top_n + len(self.banned_ids) > vocab_size:
-            raise ValueError(f"config.{section}.top_n={self.top_n} plus {len(self.banned_ids)} banned ids exceed the "
-                             f"vocabulary ({vocab_size}).")
+        if self.top_n <= len(self.banned_ids):
+            raise ValueError(f"config.{section}.top_n={self.top_n} must exceed the number of banned ids "
+                             f"({len(self.banned_ids)}, config.{section}.ban_tokens): a top-n of banned ids only "
+                             "leaves nothing to draw.")
         if self.cache_dtype not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.rollout.cache_dtype={self.cache_dtype!r}: choose '', float32 or bfloat16.")
         return self
@@ -93,23 +103,28 @@ def _ban(logits: jax.Array, banned_ids: tuple[int, ...]) -> jax.Array:
     return logits
 
 
-def expert_top_probs(expert_logits: jax.Array, top_n: int) -> jax.Array:
-    """V: the expert context's softmax probabilities on its top-n ids, 0 elsewhere ([B, V])."""
-    probs = jax.nn.softmax(expert_logits, axis=-1)
-    kth = jax.lax.top_k(expert_logits, top_n)[0][..., -1:]
-    return jnp.where(expert_logits >= kth, probs, 0.0)
+def expert_top_probs(expert_logits: jax.Array, top_n: int, banned_ids: tuple[int, ...] = ()) -> jax.Array:
+    """V: the expert context's softmax probabilities (over the whole vocabulary) on its top-n ids,
+    0 elsewhere and 0 at banned ids, not renormalised ([B, V]; the authors' rule, module docstring)."""
+    logits = expert_logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    kth = jax.lax.top_k(logits, top_n)[0][..., -1:]
+    v = jnp.where(logits >= kth, probs, 0.0)
+    if banned_ids:
+        v = v.at[..., jnp.asarray(banned_ids)].set(0.0)
+    return v
 
 
 def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.Array,
                  settings: MixedSettings) -> tuple[jax.Array, jax.Array]:
     """One position for a batch: (token [B] int32, from_expert [B] bool). Logits are [B, V]."""
-    s_logits = _ban(student_logits, settings.banned_ids)
-    e_logits = _ban(expert_logits, settings.banned_ids)
+    banned = settings.banned_ids
     top = settings.top_n_sampling
-    p_logits = sampling_logits(s_logits, top)  # -inf outside the student's top-n: draws from P
-    v_logits = sampling_logits(e_logits, top)  # draws from V renormalised
+    # top-n over the whole vocabulary, then banned ids dropped: draws from P / V renormalised
+    p_logits = _ban(sampling_logits(student_logits.astype(jnp.float32), top), banned)
+    v_logits = _ban(sampling_logits(expert_logits.astype(jnp.float32), top), banned)
     tau = float(settings.accept_threshold)
-    B = s_logits.shape[0]
+    B = student_logits.shape[0]
     if tau == 0.0:
         return jax.random.categorical(key, p_logits, axis=-1).astype(jnp.int32), jnp.zeros((B,), bool)
     if tau == 1.0:
@@ -117,7 +132,7 @@ def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.A
     R = settings.retries
     keys = [key] + [jax.random.fold_in(key, j) for j in range(1, R)]
     cands = jnp.stack([jax.random.categorical(k, p_logits, axis=-1) for k in keys])  # [R, B]
-    v = expert_top_probs(e_logits, settings.top_n)
+    v = expert_top_probs(expert_logits, settings.top_n, banned)  # banned ids at 0, not renormalised
     accepted = jnp.take_along_axis(v, cands.T, axis=-1).T >= tau  # [R, B]
     first = jnp.argmax(accepted, axis=0)  # the first accepted try (0 when none is)
     any_accepted = jnp.any(accepted, axis=0)

@@ -12,6 +12,14 @@ Which of the two log-probs is pi_old is a config choice (`rollout.old_logp`), ne
 
 Temperature 0 is greedy decoding (argmax; `logp_sampled` is 0, the log-prob of a point mass),
 and then the sampler matches an argmax loop over full forwards token for token.
+
+Presence penalty (`presence_penalty`, vLLM's definition, which DAIL's authors evaluated with): every
+token that has already appeared in the row's *generated* tokens so far (not the prompt) has the
+penalty subtracted from its logit, once however often it appeared, before temperature, top-k and
+top-p (and before the argmax of greedy decoding). It shapes the distribution sampled from
+(`logp_sampled`); `logp_model` and the top-K candidates stay the model's own. The "appeared" set
+is a per-row [B, V] bool mask carried through the decode loop, only when the penalty is non-zero:
+with 0.0 (the default) the loop carries nothing and the sampler is the one without the penalty.
 """
 from __future__ import annotations
 
@@ -37,6 +45,9 @@ class SamplingSettings:
     candidates: int = 8  # K of the recorded student top-K
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str = ""  # "" = the params' dtype; "bfloat16" halves the KV cache of a float32 student
+    # Subtracted from the logit of every token already generated in the row (vLLM's presence_penalty:
+    # generated tokens only, applied before temperature / top-k / top-p). 0.0 = off.
+    presence_penalty: float = 0.0
 
     def check(self, vocab_size: int, section: str = "rollout") -> "SamplingSettings":
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -57,6 +68,10 @@ class SamplingSettings:
         if self.cache_dtype not in ("", "float32", "bfloat16"):
             raise ValueError(f"{section}.cache_dtype={self.cache_dtype!r}: choose '' (the params' dtype), "
                              "float32 or bfloat16.")
+        pp = self.presence_penalty
+        if isinstance(pp, bool) or not isinstance(pp, (int, float)) or not -2.0 <= pp <= 2.0:
+            raise ValueError(f"{section}.presence_penalty={pp!r} must be a number in [-2, 2] (vLLM's range; "
+                             "0 = off, > 0 discourages tokens already generated).")
         bad = [i for i in self.stop_ids if not 0 <= i < vocab_size]
         if bad:
             raise ValueError(f"{section}.stop_tokens: id {bad[0]} is outside the vocabulary [0, {vocab_size}).")
@@ -91,17 +106,24 @@ def sampling_logits(logits: jax.Array, s: SamplingSettings) -> jax.Array:
     return x
 
 
-def _choose(logits: jax.Array, key: jax.Array, s: SamplingSettings):
-    """One position: (token, logp_sampled, logp_model, topk ids, topk logp sampled, topk logp model)."""
+def presence_penalised(logits: jax.Array, appeared: jax.Array, penalty: float) -> jax.Array:
+    """float32 logits minus `penalty` where `appeared` [B, V] (the tokens already generated in the row)."""
+    return logits.astype(jnp.float32) - jnp.float32(penalty) * appeared.astype(jnp.float32)
+
+
+def _choose(logits: jax.Array, key: jax.Array, s: SamplingSettings, appeared: jax.Array | None = None):
+    """One position: (token, logp_sampled, logp_model, topk ids, topk logp sampled, topk logp model).
+    appeared [B, V] bool (only with a presence penalty): the row's tokens generated so far."""
     logits = logits.astype(jnp.float32)
     model_logp = jax.nn.log_softmax(logits, axis=-1)
     cand_logit, cand_ids = jax.lax.top_k(logits, s.candidates)
     cand_model = jnp.take_along_axis(model_logp, cand_ids, axis=-1)
+    chosen_from = logits if appeared is None else presence_penalised(logits, appeared, s.presence_penalty)
     if s.temperature == 0:
-        token = jnp.argmax(logits, axis=-1)
+        token = jnp.argmax(chosen_from, axis=-1)
         sampled_logp = jnp.where(jnp.arange(logits.shape[-1]) == token[:, None], 0.0, -jnp.inf)
     else:
-        x = sampling_logits(logits, s)
+        x = sampling_logits(chosen_from, s)
         sampled_logp = jax.nn.log_softmax(x, axis=-1)
         token = jax.random.categorical(key, x, axis=-1)
     token = token.astype(jnp.int32)
@@ -118,14 +140,26 @@ def sample(params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, cf
 
     Row b at step i uses the random key fold_in(key, i): the draw depends on the key, the step
     and the logits only (threefry is partitionable), not on how the batch is sharded.
+    With settings.presence_penalty != 0 the state carried from step to step is the [B, V] mask of
+    the tokens each row has generated so far (step 0, from the prefill, sees an empty mask).
     """
-    def choose(i, logits, state):
-        token, *records = _choose(logits[0], jax.random.fold_in(key, i), settings)
-        return token, tuple(records), state
+    if settings.presence_penalty:
+        def choose(i, logits, appeared):
+            token, *records = _choose(logits[0], jax.random.fold_in(key, i), settings, appeared)
+            appeared = appeared | jax.nn.one_hot(token, appeared.shape[-1], dtype=jnp.bool_)
+            return token, tuple(records), appeared
+
+        state = jnp.zeros((prompt.shape[0], cfg.vocab_size), bool)
+    else:
+        def choose(i, logits, state):
+            token, *records = _choose(logits[0], jax.random.fold_in(key, i), settings)
+            return token, tuple(records), state
+
+        state = ()
 
     # Recorded per step: logp sampled / model (0 after the stop), candidate ids (as chosen), and
     # the candidates' log-probs (-inf after the stop).
-    tokens, mask, records = decode(params, [(prompt, prompt_mask)], cfg, choose, (),
+    tokens, mask, records = decode(params, [(prompt, prompt_mask)], cfg, choose, state,
                                    max_new_tokens=settings.max_new_tokens, stop_ids=settings.stop_ids,
                                    record_pads=(0.0, 0.0, None, -jnp.inf, -jnp.inf), pad_id=pad_id, plan=plan,
                                    cache_dtype=settings.cache_dtype)

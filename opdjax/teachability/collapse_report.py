@@ -7,7 +7,8 @@
     delta_bic.png            observed delta BIC per variant (how far from the threshold)
     examples/<variant>/...   a few trajectories per variant: sentence scores, the two fitted
                              means, the release point, and the text with the released suffix grey
-    report.md                the verdict, then every number in tables, then the pictures
+    report.md                the verdict and the recommended release settings, then every number
+                             in tables, then the pictures
 Every number in report.md is read from the results dict that diagnosis.json holds.
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ def plot_delta_bic(path, per_variant: dict[str, dict]) -> str:
     ax.axvline(0, color="black", lw=1)
     ax.set_xlabel("ΔBIC of the best downward split (> 0: plain BIC releases)")
     ax.set_ylabel("rollouts")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finite delta BIC (responses too short to split): no legend
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -156,6 +158,14 @@ def _p(x) -> str:
 def markdown(results: dict[str, Any], title: str = "teachability diagnosis") -> str:
     st = results["settings"]
     lines = [f"# {title}", "", "## Verdict", "", results["verdict"]["text"], ""]
+    rec = results["verdict"].get("recommendation")
+    if rec:  # what release_settings.json holds (diagnoses older than the file have none)
+        why = ("the verdict's best finding" if rec["detected"] else
+               "nothing detected: the variant closest to chance-beating, under the permutation calibration, "
+               "which keeps random cuts near α")
+        lines += [f"Recommended release settings (`release_settings.json`; a training config reads them with "
+                  f"`release.from_diagnosis`): `release.margin={rec['margin']}`, "
+                  f"`release.calibration={rec['calibration']}` ({why}).", ""]
     ro = results.get("rollouts")
     if ro:
         lines += [f"{ro['count']} rollouts ({ro['prompts']} prompts × {ro['samples_per_prompt']} samples, "

@@ -12,7 +12,8 @@ once each rollout's sentence scores are put in a random order (the chance level)
     summarize               pools a group of rollouts (all, correct, incorrect) into the report's
                             numbers: rates beside chance with an exact one-sided test, mean r/T,
                             margins before/after, decile curve, first-vs-last third paired test
-    verdict                 one plain paragraph
+    verdict                 one plain paragraph, and the release settings it recommends
+                            (`recommendation`: what release.from_diagnosis applies)
 Everything is pooled from the per-rollout sums, so a number in the report is a ratio of sums
 over the rollouts of its group; `recompute_numpy` in the tests rebuilds them from the arrays.
 
@@ -289,7 +290,8 @@ def variant_finding(v: str, s: dict[str, Any], level: float) -> dict[str, Any]:
             "rises_late": bool(th["p_value"] < level and th["mean_diff"] > 0),
             "rate": b["down_rate"], "chance": b["down_chance"], "p": b["down_p_value"],
             "perm_rate": s["permutation"]["down_rate"], "perm_chance": s["permutation"]["down_chance"],
-            "bic_rate": s["bic"]["down_rate"], "bic_chance": s["bic"]["down_chance"],
+            "perm_p": s["permutation"]["down_p_value"],
+            "bic_rate": s["bic"]["down_rate"], "bic_chance": s["bic"]["down_chance"], "bic_p": s["bic"]["down_p_value"],
             "release_frac": b["mean_release_frac"], "before": b["margin_before"], "after": b["margin_after"],
             "first": th["first_mean"], "last": th["last_mean"]}
 
@@ -343,4 +345,31 @@ def verdict(variant_results: dict[str, dict], significance: float, alpha: float)
                      f"(paired sign-flip test, p<{level:.2g}).")
     lines.append(f"(Each test at {significance}/{2 * len(variant_results)} = {level:.2g}: "
                  f"{len(variant_results)} variants x 2 calibrations.)")
-    return {"text": " ".join(lines), "collapse": bool(hits), "level": level, "findings": findings}
+    return {"text": " ".join(lines), "collapse": bool(hits), "level": level, "findings": findings,
+            "recommendation": recommendation(findings)}
+
+
+def recommendation(findings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release settings the verdict recommends (what `release.from_diagnosis` applies).
+
+    Detected: the verdict's best finding, its variant under its calibration. Not detected (ours):
+    the variant whose downward change points came closest to chance-beating (lowest one-sided p
+    under either calibration; variants whose upward shifts are above chance last; ties: the
+    earlier variant), under the *permutation* calibration:
+    with nothing to find, plain BIC would still cut its chance share of rollouts (10-16%) at
+    random, while the permutation test cuts at most release.alpha of shift-free rollouts, so the
+    rule stays close to plain OPD. The numbers are that variant's under that calibration."""
+    if not findings:
+        raise ValueError("the verdict has no findings (no margin variant was diagnosed).")
+    hits = [f for f in findings if f["collapse"]]
+    if hits:
+        best = min(hits, key=lambda f: (f["p"], -f["rate"]))
+        calibration = best["calibration"]
+    else:
+        best = min(findings, key=lambda f: (f["upward_above_chance"], min(f["bic_p"], f["perm_p"])))  # first of ties
+        calibration = "permutation"
+    key = "perm" if calibration == "permutation" else "bic"
+    return {"detected": bool(hits), "margin": best["variant"], "calibration": calibration,
+            "rate": best[f"{key}_rate"], "chance": best[f"{key}_chance"], "p": best[f"{key}_p"],
+            "bic_rate": best["bic_rate"], "bic_chance": best["bic_chance"], "bic_p": best["bic_p"],
+            "perm_rate": best["perm_rate"], "perm_chance": best["perm_chance"], "perm_p": best["perm_p"]}

@@ -10,12 +10,19 @@ The result's `weights` [B, R] is the one array the loss consumes, whatever `rele
 (random release points keeping the same share of tokens as the rule on this very batch).
 
 `release_config()` holds every switch with its default; `settings_from_config` validates the
-whole section by field name before anything is compiled or computed.
+whole section by field name before anything is compiled or computed. `release.from_diagnosis`
+names the release_settings.json a `diagnose` job wrote: `settings_from_config` takes
+release.margin and release.calibration from it (`read_release_settings`), and
+`log_from_diagnosis` says so in the job's log, with a warning for each setting the diagnosis was
+measured under that differs from the run's, and one when the diagnosis found no collapse.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +36,14 @@ from opdjax.teachability.segments import Segments, segment_batch
 
 MODES = ("bic", "full", "prefix_fraction", "random_matched")
 CALIBRATIONS = ("bic", "permutation")
+RELEASE_SETTINGS_FILE = "release_settings.json"  # what the diagnose job writes in its directory
+RELEASE_SETTINGS_FORMAT = 1
+# release fields a diagnosis measured under: a run whose values differ gets a warning per field
+# (alpha and permutations only matter for a permutation-calibrated recommendation)
+DIAGNOSIS_FIELDS = ("top_k", "bic_penalty", "min_segment", "variance", "sentence_reduce", "split_blank_lines")
+PERMUTATION_FIELDS = ("alpha", "permutations")
+
+log = logging.getLogger(__name__)
 
 
 def release_config() -> ml_collections.ConfigDict:
@@ -53,6 +68,10 @@ def release_config() -> ml_collections.ConfigDict:
     c.fade_tokens = 32  # linear fade length
     c.half_life = 16.0  # exp fade half-life, tokens
     c.prefix_fraction = 0.5  # mode=prefix_fraction: share of each response kept
+    # ours: the release_settings.json of a diagnose job (workdir/diagnosis/): its recommended
+    # margin and calibration replace release.margin / release.calibration (the file wins; the job
+    # logs what it applied). "" = off.
+    c.from_diagnosis = ""
     return c
 
 
@@ -85,6 +104,11 @@ def settings_from_config(c: ml_collections.ConfigDict) -> ReleaseSettings:
         raise ValueError(f"release.{unknown[0]} is not a release-rule setting; known: {', '.join(sorted(known))}.")
     full = release_config()
     full.update(c)
+    if not isinstance(full.from_diagnosis, str):
+        raise ValueError(f"release.from_diagnosis={full.from_diagnosis!r} must be a path ('' = off).")
+    if full.from_diagnosis:
+        rec = read_release_settings(full.from_diagnosis)
+        full.margin, full.calibration = rec["margin"], rec["calibration"]
     if full.mode not in MODES:
         raise ValueError(f"release.mode={full.mode!r}: choose one of {', '.join(MODES)}.")
     margins.check_margin_variant(full.margin)
@@ -104,6 +128,110 @@ def settings_from_config(c: ml_collections.ConfigDict) -> ReleaseSettings:
     if not 0.0 <= full.prefix_fraction <= 1.0:
         raise ValueError(f"release.prefix_fraction={full.prefix_fraction!r} must lie in [0, 1].")
     return ReleaseSettings(**{f.name: full[f.name] for f in dataclasses.fields(ReleaseSettings)})
+
+
+def _from_diagnosis_error(path, problem: str) -> ValueError:
+    return ValueError(f"release.from_diagnosis={path!r} {problem}; give the {RELEASE_SETTINGS_FILE} a diagnose job "
+                      "wrote (job=diagnose, or compare.diagnose_first=True: workdir/diagnosis/"
+                      f"{RELEASE_SETTINGS_FILE}), or '' to use release.margin / release.calibration as set.")
+
+
+def read_release_settings(path: str) -> dict[str, Any]:
+    """The recommendation a diagnose job wrote (`release.from_diagnosis`), checked field by field;
+    a ValueError naming release.from_diagnosis and the path otherwise."""
+    if not os.path.isfile(path):
+        raise _from_diagnosis_error(path, "does not exist" if not os.path.exists(path) else "is not a file")
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _from_diagnosis_error(path, f"cannot be read as JSON ({e})") from e
+    if not isinstance(rec, dict):
+        raise _from_diagnosis_error(path, "holds no JSON object")
+    if rec.get("format") != RELEASE_SETTINGS_FORMAT:
+        raise _from_diagnosis_error(path, f"has format {rec.get('format')!r}, not {RELEASE_SETTINGS_FORMAT}")
+    checks = {"detected": lambda v: isinstance(v, bool),
+              "margin": lambda v: v in margins.MARGIN_VARIANTS,
+              "calibration": lambda v: v in CALIBRATIONS,
+              "settings": lambda v: isinstance(v, dict) and all(k in v for k in DIAGNOSIS_FIELDS + PERMUTATION_FIELDS)}
+    for k, ok in checks.items():
+        if k not in rec:
+            raise _from_diagnosis_error(path, f"lacks the field {k!r}")
+        if not ok(rec[k]):
+            raise _from_diagnosis_error(path, f"has {k}={rec[k]!r}, which is not valid here")
+    return rec
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
+
+
+def from_diagnosis_notes(config) -> tuple[str, list[str], str | None]:
+    """What release.from_diagnosis does to the run `config` (a whole OPD config): (the info line,
+    one warning per setting the diagnosis was measured under that differs from this run's, the
+    "not detected" warning or None). Reads the file; call after validation."""
+    r = config.release
+    path = r.from_diagnosis
+    rec = read_release_settings(path)
+    found = "detected" if rec["detected"] else "not detected"
+    evidence = (f"{rec['margin']} under {rec['calibration']}: {_pct(rec.get('rate'))} of "
+                f"{rec.get('rollouts', {}).get('count', '?')} rollouts released against {_pct(rec.get('chance'))} "
+                f"on shuffled sentence orders, p={_num(rec.get('p'))}")
+    info = (f"release.margin={rec['margin']}, release.calibration={rec['calibration']} from {path} "
+            f"(diagnosis: {found}; {evidence})")
+    replaced = [f"release.{k}={r[k]!r}" for k in ("margin", "calibration") if r[k] != rec[k]]
+    if replaced:
+        info += f"; replaces the config's {', '.join(replaced)}"
+    warnings = []
+    st = rec["settings"]
+    fields = DIAGNOSIS_FIELDS + (PERMUTATION_FIELDS if rec["calibration"] == "permutation" else ())
+    for k in fields:
+        if st[k] != r[k]:
+            warnings.append(f"release.{k}={r[k]!r} but the diagnosis in {path} was measured with {k}={st[k]!r}: "
+                            "its recommendation holds for its settings; rerun the diagnosis with this config "
+                            f"(job=diagnose) or set release.{k}={st[k]!r}.")
+    for role in ("student", "teacher"):
+        mine = _model_name(config[role])
+        theirs = rec.get(role)
+        if theirs and mine and os.path.abspath(theirs) != os.path.abspath(mine):
+            warnings.append(f"config.{role} is {mine!r} but the diagnosis in {path} measured {theirs!r}: its "
+                            "recommendation is for another pair.")
+    n_tokens = rec.get("rollouts", {}).get("max_new_tokens")
+    if n_tokens and n_tokens != config.rollout.max_new_tokens:
+        warnings.append(f"rollout.max_new_tokens={config.rollout.max_new_tokens} but the diagnosis in {path} "
+                        f"sampled up to {n_tokens} new tokens.")
+    not_detected = None
+    if not rec["detected"] and r.mode == "bic":
+        not_detected = (f"the diagnosis in {path} found no local teachability collapse: with no margin variant did "
+                        f"downward change points fire above chance (best: {rec['margin']}, plain BIC "
+                        f"{_pct(rec.get('bic_rate'))} against {_pct(rec.get('bic_chance'))} chance, permutation-"
+                        f"calibrated {_pct(rec.get('perm_rate'))} against {_pct(rec.get('perm_chance'))}); the "
+                        "release rule will mostly cut at random"
+                        + (f" (release.calibration=permutation keeps its cuts near release.alpha={r.alpha} of the "
+                           "rollouts)." if rec["calibration"] == "permutation" else "."))
+    return info, warnings, not_detected
+
+
+def _model_name(section) -> str:
+    return section.gguf or section.path
+
+
+def log_from_diagnosis(config) -> str | None:
+    """Logs `from_diagnosis_notes` (when release.from_diagnosis is set); returns the "not
+    detected" warning (the OPD job's summary.json keeps it as release_warning) or None."""
+    if not config.release.from_diagnosis:
+        return None
+    info, warnings, not_detected = from_diagnosis_notes(config)
+    log.info("%s", info)
+    for w in warnings:
+        log.warning("%s", w)
+    if not_detected:
+        log.warning("%s", not_detected)
+    return not_detected
 
 
 class ReleaseDecision(NamedTuple):

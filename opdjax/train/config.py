@@ -98,6 +98,14 @@ def opd_config() -> ml_collections.ConfigDict:
     # differing only in release.mode; then a side-by-side report.
     c.compare = ml_collections.ConfigDict()
     c.compare.arms = ("bic", "full")
+    # () = one run at config.seed in workdir/<arm>; (0, 1, ...) = every arm at every seed in
+    # workdir/seed<N>/<arm> (data order, rollouts, eval draws and the toy task's problems follow the
+    # seed; the starting student is the same), reported with paired-bootstrap intervals.
+    c.compare.seeds = ()
+    # ours: run the diagnose job first (this config's diagnose section, in workdir/diagnosis;
+    # reused when it is there with the same settings) and train every arm with its recommended
+    # release.margin / release.calibration (release.from_diagnosis). False = as configured.
+    c.compare.diagnose_first = False
 
     # job=diagnose only (opdjax.train.diagnose): is local teachability collapse there at all?
     # Student rollouts on the first `num_prompts` prompts of data (rollout.samples_per_prompt

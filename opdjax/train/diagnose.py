@@ -13,7 +13,11 @@ code (opd.rollout_and_score). No parameter is updated. The per-token arrays are 
     diagnosis.json   every number, the verdict, the timings
     report.md        the verdict paragraph, tables, pictures
     per_rollout.npz  the per-rollout statistics of every variant
+    release_settings.json  the recommended release.margin / release.calibration and their
+                     evidence (collapse_stats.recommendation), for release.from_diagnosis
 `diagnose(config)` is the same as a Python function; it returns the results dict.
+`release_settings_for(config)` is compare.diagnose_first: the diagnosis before the arms (reused
+when the same one is on disk), and release.from_diagnosis pointed at its file.
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from opdjax import multihost, sharding
-from opdjax.teachability import collapse_stats, collapse_report
+from opdjax.teachability import collapse_stats, collapse_report, rule
 from opdjax.train import metrics as metrics_lib
 from opdjax.models.load import load_section
 from opdjax.train.opd import (EncodedPrompts, Phases, encode_problems, problems_for,
@@ -135,6 +140,10 @@ def load_arrays(path, tokenizer):
 def diagnose(config) -> dict:
     """Run the diagnosis described by `config`; returns the results (also in diagnosis.json)."""
     t_start = time.perf_counter()
+    if config.release.from_diagnosis:  # every variant under both calibrations is measured anyway
+        log.info("release.from_diagnosis=%r is not read by the diagnosis itself", config.release.from_diagnosis)
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.release.from_diagnosis = ""
     check_diagnose_section(config.diagnose)
     student_tok = load_tokenizer_for(config.student, "student")
     teacher_tok = load_tokenizer_for(config.teacher, "teacher")
@@ -198,6 +207,8 @@ def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, 
     results["timings"] = timings
     with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:
         json.dump(_jsonable(results), f, indent=2)
+    path = write_release_settings(out_dir, release_settings_record(config, checked.release, results))
+    log.info("recommended release settings: %s", path)
     collapse_report.write_markdown(out_dir, results, title=_title(config))
     log.info("report: %s", os.path.join(out_dir, "report.md"))
     return results
@@ -206,6 +217,99 @@ def _analyse(config, checked, student_tok, out_dir, arrays, texts, num_prompts, 
 def run(config) -> dict:
     """The job entry (opdjax.jobs)."""
     return diagnose(config)
+
+
+# ------------------------------------------------------------------ the recommended settings
+def release_settings_record(config, release: rule.ReleaseSettings, results: dict) -> dict:
+    """What release_settings.json holds: the verdict's recommendation (margin, calibration,
+    detected, the rates and p-values behind it), the settings it was measured under, the pair,
+    the rollouts, the verdict text, and the fingerprint `release_settings_for` resumes by."""
+    rec = dict(results["verdict"]["recommendation"])
+    st = results["settings"]
+    settings = {"top_k": int(st["top_k"]), "bic_penalty": release.bic_penalty, "min_segment": release.min_segment,
+                "variance": release.variance, "sentence_reduce": release.sentence_reduce,
+                "split_blank_lines": release.split_blank_lines, "alpha": release.alpha,
+                "permutations": release.permutations, "significance": st["significance"], "seed": st["seed"],
+                "variants": list(results["variants"])}
+    return {"format": rule.RELEASE_SETTINGS_FORMAT, **rec, "settings": settings,
+            "student": os.path.abspath(config.student.gguf or config.student.path),
+            "teacher": os.path.abspath(config.teacher.gguf or config.teacher.path),
+            "rollouts": results["rollouts"], "verdict": results["verdict"]["text"],
+            "fingerprint": diagnosis_fingerprint(config)}
+
+
+def write_release_settings(out_dir: str, record: dict) -> str:
+    path = os.path.join(out_dir, rule.RELEASE_SETTINGS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(record), f, indent=2)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+# what a diagnosis' rollouts and statistics depend on (a change re-runs it under
+# compare.diagnose_first); the rest (train, eval, optimizer, checkpoints...) does not matter to it
+_RELEASE_NOT_MEASURED = ("mode", "margin", "calibration", "from_diagnosis", "fade", "fade_tokens", "half_life",
+                         "prefix_fraction")
+_DATA_NOT_MEASURED = ("num_eval", "eval_file", "eval_split", "shuffle", "trace_reads")
+
+
+def diagnosis_fingerprint(config) -> str:
+    d = config.to_dict()
+    kept = {k: d[k] for k in ("seed", "student", "teacher", "model", "tokenizer", "rollout", "diagnose")}
+    kept["data"] = {k: v for k, v in d["data"].items() if k not in _DATA_NOT_MEASURED}
+    kept["release"] = {k: v for k, v in d["release"].items() if k not in _RELEASE_NOT_MEASURED}
+    kept["batch"] = {"prompts_per_step": d["batch"]["prompts_per_step"]}  # one sampler call's rows and key
+    kept["loss"] = {"chunk_tokens": d["loss"]["chunk_tokens"]}  # teacher scoring's chunks
+    kept["format"] = rule.RELEASE_SETTINGS_FORMAT
+    return multihost.fingerprint(kept)
+
+
+def diagnosis_config(config) -> ml_collections.ConfigDict:
+    """The diagnose job of a comparison config: the same models, data, rollout, release and
+    diagnose sections, in workdir/diagnosis (or diagnose.directory)."""
+    d = ml_collections.ConfigDict(config.to_dict())
+    d.job = "diagnose"
+    d.release.from_diagnosis = ""
+    d.compare.diagnose_first = False
+    return d
+
+
+def release_settings_for(config) -> str:
+    """compare.diagnose_first: run the diagnosis of `config` (unless workdir/diagnosis holds one
+    with the same fingerprint), then point config.release.from_diagnosis at its
+    release_settings.json. Where release.from_diagnosis is set (either way), copy its margin and
+    calibration into config.release, so that the comparison's report names what the arms use.
+    Returns release.from_diagnosis ('' = off)."""
+    if config.compare.diagnose_first:
+        dconf = diagnosis_config(config)
+        out_dir = dconf.diagnose.directory or os.path.join(dconf.workdir, "diagnosis")
+        path = os.path.join(out_dir, rule.RELEASE_SETTINGS_FILE)
+        same = None
+        if multihost.is_writer():
+            same = _recorded_fingerprint(path) == diagnosis_fingerprint(dconf)
+        if multihost.broadcast_object(same):
+            log.info("compare.diagnose_first: reusing the diagnosis in %s (same settings)", out_dir)
+        else:
+            log.info("compare.diagnose_first: diagnosing before the arms, in %s", out_dir)
+            diagnose(dconf)
+        config.release.from_diagnosis = path
+    if config.release.from_diagnosis:
+        try:
+            rec = rule.read_release_settings(config.release.from_diagnosis)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from e
+        rule.log_from_diagnosis(config)
+        config.release.margin, config.release.calibration = rec["margin"], rec["calibration"]
+    return config.release.from_diagnosis
+
+
+def _recorded_fingerprint(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _title(config) -> str:

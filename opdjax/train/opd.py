@@ -348,6 +348,8 @@ class OPDJob:
         self.tokenizer = student_tok = load_tokenizer_for(config.student, "student")
         teacher_tok = load_tokenizer_for(config.teacher, "teacher")
         checked = validate_config(config, tokenizers=(student_tok, teacher_tok))
+        # release.from_diagnosis: log what it applied, warn on mismatches and on "not detected"
+        self.release_warning = rule.log_from_diagnosis(config)
         self.student_cfg, self.teacher_cfg = checked.student_cfg, checked.teacher_cfg
         template = {"": None, "student": student_tok.chat_template, "teacher": teacher_tok.chat_template}[
             config.tokenizer.chat_template]
@@ -442,6 +444,10 @@ class OPDJob:
                        stop_ids=self.phases.sampling.stop_ids, key=self.eval_key, plan=self.plan,
                        prompt_len=data.prompt_len)
         self.writer.write(step, res.metrics)
+        # per problem, for the multi-seed comparison's paired bootstrap (compare.py)
+        self.last_eval_per_problem = {
+            "sample_correct": np.asarray(res.correct, bool).tolist(),
+            "greedy_correct": None if res.greedy_correct is None else np.asarray(res.greedy_correct, bool).tolist()}
         self.writer.write_text(step, "eval/example", "\n\n".join(f"Q: {i}\nA: {t[0]}" for i, t in zip(
             range(2), res.texts)))
         log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in res.metrics.items()})
@@ -458,8 +464,11 @@ def run(config) -> dict:
     steps = job.steps
     summary = {"workdir": config.workdir, "release_mode": job.phases.release.mode, "loss": config.loss.name,
                "start_step": start.step, "steps": steps}
+    if job.release_warning:  # the diagnosis behind release.from_diagnosis found no collapse
+        summary["release_warning"] = job.release_warning
     if start.step == 0 and config.eval.num_problems and config.eval.before:
         summary["eval_before"] = job.evaluate(0, start.tree["train"]["params"])
+        summary["eval_before_per_problem"] = job.last_eval_per_problem
     done = loop.train(job, config, state=start.tree["train"], start=start.step, steps=steps, pipeline=job.pipeline,
                       ckpt=job.ckpt, writer=job.writer, eval_every=config.eval.every)
     state = done.state
@@ -473,6 +482,7 @@ def run(config) -> dict:
                                                         job.tokenizer)
         if config.eval.num_problems:
             summary["eval_after"] = job.evaluate(steps, state["params"])
+            summary["eval_after_per_problem"] = job.last_eval_per_problem
     summary.update(_averages(done.records))
     summary["wall_s"] = time.perf_counter() - job.t_start
     job.writer.close()

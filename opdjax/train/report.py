@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from opdjax.eval import paired_bootstrap
 from opdjax.train import metrics as metrics_lib
 
 CURVE_KEYS = ["eval/greedy_accuracy", "eval/pass@1", "loss/total", "teacher/advantage_mean",
@@ -48,27 +49,147 @@ def _plot_accuracy(rows, ks, n_problems, path):
     plt.close(fig)
 
 
-def _verdict(rows, n):
-    base = rows[0][1].get("eval/greedy_accuracy")
-    arms = {name: m.get("eval/greedy_accuracy") for name, m in rows[1:]}
-    if base is None or any(v is None for v in arms.values()):
-        return "No evaluation was run (eval.num_problems=0), so there is no verdict."
-    parts = [f"Untrained student: greedy accuracy {base:.3f} on {n} held-out problems."]
-    for name, v in arms.items():
-        d = v - base
-        se = math.sqrt(_se(v, n) ** 2 + _se(base, n) ** 2)
-        word = "better than" if d > 2 * se else ("worse than" if d < -2 * se else "not distinguishable from")
-        parts.append(f"{name}: {v:.3f} ({d:+.3f}; {word} the untrained student at 2 s.e. = {2 * se:.3f}).")
-    names = list(arms)
-    if len(names) >= 2:
-        a, b = names[0], names[1]
-        d = arms[a] - arms[b]
-        se = math.sqrt(_se(arms[a], n) ** 2 + _se(arms[b], n) ** 2)
-        word = "ahead of" if d > 2 * se else ("behind" if d < -2 * se else "level with (within sampling error)")
-        parts.append(f"{a} is {word} {b}: difference {d:+.3f}, 2 s.e. = {2 * se:.3f}. "
-                     "Same student, data, seed and step budget; one seed, so this is one draw, not a "
-                     "distribution over runs.")
+METRICS = {"sample_accuracy": ("sample_correct", "sampled accuracy (pass@1 over eval.samples draws)"),
+           "greedy_accuracy": ("greedy_correct", "greedy accuracy")}
+
+
+def rule_arm(arms) -> str:
+    """The arm the others are measured against: the release rule when it ran, else the first."""
+    return "bic" if "bic" in arms else next(iter(arms))
+
+
+def per_problem_scores(runs: dict, metric: str, which: str = "eval_after") -> dict[str, np.ndarray] | None:
+    """{arm: [seeds, problems]} scores from each run's summary (None when an arm has no
+    per-problem evaluation, e.g. eval.num_problems=0). runs: {seed: {arm: summary}}."""
+    field = METRICS[metric][0]
+    out: dict[str, list] = {}
+    for per_arm in runs.values():
+        for arm, s in per_arm.items():
+            pp = s.get(f"{which}_per_problem")
+            if not pp or pp.get(field) is None:
+                return None
+            x = np.asarray(pp[field], np.float64)
+            out.setdefault(arm, []).append(x.mean(axis=1) if x.ndim == 2 else x)
+    return {arm: np.stack(v) for arm, v in out.items()}
+
+
+def bootstrap_verdicts(runs: dict, metric: str = "sample_accuracy", n_boot: int = 10_000) -> dict | None:
+    """The paired bootstrap (eval/paired_bootstrap.py) of the arms' final scores, with the untrained
+    student as one more row when it was evaluated (first arm of each seed)."""
+    scores = per_problem_scores(runs, metric)
+    if scores is None:
+        return None
+    res = paired_bootstrap.compare_arms(scores, rule_arm(scores), n_boot=n_boot)
+    first = {seed: dict(list(per_arm.items())[:1]) for seed, per_arm in runs.items()}
+    before = per_problem_scores(first, metric, "eval_before")
+    if before is not None:
+        arm0 = next(iter(before))
+        si, pi = paired_bootstrap.draws(*before[arm0].shape, n_boot)
+        res["untrained"] = paired_bootstrap.interval(
+            before[arm0], paired_bootstrap.replicate_means(before[arm0], si, pi)).as_dict()
+    res["metric"] = metric
+    return res
+
+
+def _ci(iv: dict) -> str:
+    return f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+
+
+def verdict_text(res: dict | None) -> str:
+    """One paragraph: every paired difference with its interval and word."""
+    if res is None:
+        return "No per-problem evaluation was run (eval.num_problems=0), so there is no verdict."
+    what = METRICS[res["metric"]][1]
+    scope = (f"{res['seeds']} seeds x {res['problems']} held-out problems" if res["seeds"] > 1 else
+             f"{res['problems']} held-out problems, one seed (the interval covers which problems were drawn, "
+             "not run-to-run variation: only compare.seeds measures that)")
+    parts = [f"On {what}, {int(res['level'] * 100)}% paired-bootstrap intervals over {scope}:"]
+    if "untrained" in res:
+        parts.append(f"untrained student {_ci(res['untrained'])};")
+    parts.append("; ".join(f"{arm} {_ci(iv)}" for arm, iv in res["arms"].items()) + ".")
+    for name, d in res["differences"].items():
+        parts.append(f"{name} = {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]: {d['verdict']}"
+                     + (" (the interval covers 0)." if d["verdict"] == "not distinguishable" else "."))
     return " ".join(parts)
+
+
+def _verdict(out, config) -> str:
+    runs = {str(config.seed): out["arms"]}
+    return "\n\n".join(verdict_text(bootstrap_verdicts(runs, m)) for m in METRICS)
+
+
+def _plot_intervals(results: dict, path: str) -> None:
+    """Per-arm means with their intervals, one panel per metric (the untrained student first)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4.8 * len(results), 3.6), squeeze=False)
+    for ax, (metric, res) in zip(axes[0], results.items()):
+        rows = ([("untrained", res["untrained"])] if "untrained" in res else []) + list(res["arms"].items())
+        x = np.arange(len(rows))
+        m = np.array([iv["mean"] for _, iv in rows])
+        err = np.array([[iv["mean"] - iv["low"] for _, iv in rows], [iv["high"] - iv["mean"] for _, iv in rows]])
+        ax.bar(x, m, yerr=err, capsize=4, color=["#999"] * (len(rows) - len(res["arms"])) + ["C0"] * len(res["arms"]))
+        ax.set_xticks(x)
+        ax.set_xticklabels([n for n, _ in rows])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{METRICS[metric][1].split(' (')[0]}\n{res['seeds']} seeds x {res['problems']} problems, "
+                     f"{int(res['level'] * 100)}% intervals", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_seeds_report(config, out) -> str:
+    """compare.seeds: per-arm means and paired-bootstrap intervals over seeds and problems, the
+    paired differences rule − baseline with a verdict, every seed's numbers, curves per arm × seed."""
+    wd = config.workdir
+    runs = out["runs"]
+    results = {m: bootstrap_verdicts(runs, m) for m in METRICS}
+    out["bootstrap"] = results
+    arms = list(next(iter(runs.values())))
+    md = [f"# OPD comparison over seeds: {', '.join(arms)}", "",
+          f"Seeds {', '.join(runs)}; {config.train.steps} steps per arm and seed, {config.batch.prompts_per_step} "
+          f"prompts x {config.rollout.samples_per_prompt} samples per step, loss `{config.loss.name}`, margin "
+          f"`{config.release.margin}`, calibration `{config.release.calibration}`; every arm of a seed starts from "
+          f"the same student with the same data order and eval draws; total wall time {out['wall_s'] / 60:.1f} min.", "",
+          "## Verdict", ""]
+    md += [verdict_text(results[m]) + "\n" for m in METRICS]
+    if all(results.values()):
+        _plot_intervals(results, os.path.join(wd, "accuracy.png"))
+        md += ["![accuracy](accuracy.png)", "", "## Per-arm means and paired differences", "",
+               "| | " + " | ".join(METRICS[m][1].split(" (")[0] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        r0 = results["sample_accuracy"]
+        names = (["untrained"] if "untrained" in r0 else []) + arms
+        for name in names:
+            md.append(f"| {name} | " + " | ".join(_ci(results[m]["untrained"] if name == "untrained" else
+                                                      results[m]["arms"][name]) for m in METRICS) + " |")
+        for d in r0["differences"]:
+            md.append(f"| {d} | " + " | ".join(
+                f"{results[m]['differences'][d]['mean']:+.3f} [{results[m]['differences'][d]['low']:+.3f}, "
+                f"{results[m]['differences'][d]['high']:+.3f}] {results[m]['differences'][d]['verdict']}"
+                for m in METRICS) + " |")
+    md += ["", "## Every seed", "", "| seed | arm | greedy | sampled | kept token share | release rate | wall min |",
+           "|---|---|---|---|---|---|---|"]
+    for seed, per_arm in runs.items():
+        for arm, sm in per_arm.items():
+            e = sm.get("eval_after", {})
+            md.append(f"| {seed} | {arm} | {e.get('eval/greedy_accuracy', float('nan')):.3f} | "
+                      f"{e.get('eval/sample_accuracy', float('nan')):.3f} | "
+                      f"{sm.get('mean_release/kept_share', float('nan')):.3f} | "
+                      f"{sm.get('mean_release/release_rate', float('nan')):.3f} | {sm.get('wall_s', float('nan')) / 60:.1f} |")
+    records = {f"{arm} s{seed}": metrics_lib.read_metrics(os.path.join(wd, f"seed{seed}", arm, "metrics.jsonl"))
+               for seed, per_arm in runs.items() for arm in per_arm}
+    metrics_lib.plot_curves(records, CURVE_KEYS, os.path.join(wd, "curves.png"),
+                            title="OPD learning and release curves per arm and seed")
+    md += ["", "## Curves", "", "![curves](curves.png)", ""]
+    md_text = "\n".join(md) + "\n"
+    path = os.path.join(wd, "report.md")
+    with open(path, "w") as f:
+        f.write(md_text)
+    with open(os.path.join(wd, "report.html"), "w") as f:
+        f.write(_markdown_to_html(md_text))
+    return path
 
 
 def write_compare_report(config, out) -> str:
@@ -87,7 +208,7 @@ def write_compare_report(config, out) -> str:
           f"{config.train.steps} steps per arm, {config.batch.prompts_per_step} prompts x "
           f"{config.rollout.samples_per_prompt} samples per step, loss `{config.loss.name}`, "
           f"margin `{config.release.margin}`; total wall time {out['wall_s'] / 60:.1f} min.", "",
-          "## Verdict", "", _verdict(rows, n), "",
+          "## Verdict", "", _verdict(out, config), "",
           "## Held-out accuracy", "",
           "| model | greedy | " + " | ".join(f"pass@{k}" for k in ks) + " | mean tokens |",
           "|---|---|" + "---|" * len(ks) + "---|"]

@@ -331,6 +331,10 @@ def validate_dail_train(config, *, num_devices: int | None = None) -> ModelConfi
         raise ConfigError(f"config.train.gamma={t.gamma!r} must be >= 0 (0 = no negative term).")
     if not t.negative_clip >= 0:
         raise ConfigError(f"config.train.negative_clip={t.negative_clip!r} must be >= 0 (0 = no clip).")
+    if config.loss.normalize not in losses.NORMALIZATIONS:
+        raise ConfigError(f"config.loss.normalize={config.loss.normalize!r}: choose per_sequence (the mean over "
+                          "each trace, then over the step's traces; the authors') or kept_tokens (one mean over "
+                          "the step's response tokens).")
     check_positive_ints(t, "train", ("epochs",))
     check_positive_ints(config.batch, "batch", ("sequences_per_step",))
     check_batch_split(config.batch.sequences_per_step, "traces per step (batch.sequences_per_step)",
@@ -368,10 +372,19 @@ def validate_dail_synthesis(config, *, num_devices: int | None = None) -> ModelC
         raise ConfigError(f"config.data.problems={d.problems!r} does not exist.")
     if not _is_int(d.limit) or d.limit < 0:
         raise ConfigError(f"config.data.limit={d.limit!r} must be an integer >= 0 (0 = every problem).")
-    if not isinstance(s.accept_threshold, (int, float)) or isinstance(s.accept_threshold, bool) \
-            or not 0.0 <= float(s.accept_threshold) <= 1.0:
+    if s.accept_threshold is not None and (
+            not isinstance(s.accept_threshold, (int, float)) or isinstance(s.accept_threshold, bool)
+            or not 0.0 <= float(s.accept_threshold) <= 1.0):
         raise ConfigError(f"config.synthesis.accept_threshold={s.accept_threshold!r} must be a number "
-                          "in [0, 1] (0 = student only, 1 = expert only).")
+                          "in [0, 1] (0 = student only, 1 = expert only), or None for the recipe's "
+                          "default (1.0 reasoning, 0.8 otherwise).")
+    if s.selection not in dail_config_lib.SELECTIONS:
+        raise ConfigError(f"config.synthesis.selection={s.selection!r}: choose one of "
+                          f"{dail_config_lib.SELECTIONS} (auto = random for a reasoning recipe, graded otherwise).")
+    if not isinstance(s.min_keep_rate, (int, float)) or isinstance(s.min_keep_rate, bool) \
+            or not 0.0 <= float(s.min_keep_rate) <= 1.0:
+        raise ConfigError(f"config.synthesis.min_keep_rate={s.min_keep_rate!r} must be a number in [0, 1] "
+                          "(0 = no check).")
     check_positive_ints(s, "synthesis", ("num_samples", "problems_per_batch", "top_n", "retries"))
     if s.on_no_match not in dail_config_lib.ON_NO_MATCH:
         raise ConfigError(f"config.synthesis.on_no_match={s.on_no_match!r}: choose one of "
