@@ -194,8 +194,9 @@ def test_per_sequence_loss_is_the_mean_of_the_traces_means_and_adds_up_over_micr
     def loss(params, b, c=None):
         return contrastive.contrastive_loss(params, ref, b, cfg, coeff=c, **kw)[0]
 
-    whole, g_whole = jax.value_and_grad(loss)(student, picked, coeff)
-    rows_alone = [jax.value_and_grad(loss)(student, jax.tree.map(lambda x: x[i:i + 1], picked)) for i in range(4)]
+    loss_and_grad = jax.jit(jax.value_and_grad(loss))  # one compile per batch shape (eager is slow)
+    whole, g_whole = loss_and_grad(student, picked, coeff)
+    rows_alone = [loss_and_grad(student, jax.tree.map(lambda x: x[i:i + 1], picked)) for i in range(4)]
     assert float(whole) == pytest.approx(np.mean([float(v) for v, _ in rows_alone]), rel=2e-6)
     mean_grad = jax.tree.map(lambda *g: sum(g) / 4, *[g for _, g in rows_alone])
     for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(mean_grad)):
@@ -206,7 +207,7 @@ def test_per_sequence_loss_is_the_mean_of_the_traces_means_and_adds_up_over_micr
     want = sum(n * float(v) for n, (v, _) in zip(lengths, rows_alone)) / sum(lengths)
     assert by_tokens == pytest.approx(want, rel=2e-6) and abs(by_tokens - float(whole)) > 1e-4
     # microbatches: rows [0, 1] and [2, 3] with their rows of the step's coefficients
-    parts = [jax.value_and_grad(loss)(student, jax.tree.map(lambda x: x[s], picked), coeff[s])
+    parts = [loss_and_grad(student, jax.tree.map(lambda x: x[s], picked), coeff[s])
              for s in (slice(0, 2), slice(2, 4))]
     assert float(sum(v for v, _ in parts)) == pytest.approx(float(whole), rel=2e-6)
     summed = jax.tree.map(lambda a, b: a + b, parts[0][1], parts[1][1])

@@ -245,12 +245,12 @@ def test_compare_over_seeds_is_deterministic_and_reports_intervals(pair, tmp_pat
     intervals; and the same seed twice on one machine gives identical metrics (timings aside)."""
     from opdjax.train import compare
     runs = {}
-    for name in ("one", "two"):
+    for name, arms, seeds in (("one", ("bic", "full"), (0, 3)), ("two", ("bic",), (3,))):  # "two": seed 3's bic again
         c = tiny_config(pair, tmp_path / name, **{"train.steps": 2, "checkpoint.every": 0,
                                                   "metrics.pictures_every": 0, "mesh.shape": (1, -1, 1)})
         c.job = "opd_compare"
-        c.compare.arms = ("bic", "full")
-        c.compare.seeds = (0, 3)
+        c.compare.arms = arms
+        c.compare.seeds = seeds
         runs[name] = compare.run(c)
     out = runs["one"]
     assert out["seeds"] == [0, 3] and set(out["runs"]) == {"0", "3"}
@@ -266,9 +266,9 @@ def test_compare_over_seeds_is_deterministic_and_reports_intervals(pair, tmp_pat
     assert "## Verdict" in text and "2 seeds x 4 held-out problems" in text and "| 3 | full |" in text
     for f in ("report.html", "accuracy.png", "curves.png", "compare.json"):
         assert os.path.getsize(tmp_path / "one" / f) > 0, f
-    # determinism: the same seeds twice give the same metrics at every step and the same evaluations
-    for seed in ("0", "3"):
-        for arm in ("bic", "full"):
+    # determinism: the same seed twice gives the same metrics at every step and the same evaluations
+    for seed in ("3",):
+        for arm in ("bic",):
             a = read_metrics(str(tmp_path / "one" / f"seed{seed}" / arm / "metrics.jsonl"))
             b = read_metrics(str(tmp_path / "two" / f"seed{seed}" / arm / "metrics.jsonl"))
             strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/", "eval/seconds",
