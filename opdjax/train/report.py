@@ -183,13 +183,7 @@ def write_seeds_report(config, out) -> str:
     metrics_lib.plot_curves(records, CURVE_KEYS, os.path.join(wd, "curves.png"),
                             title="OPD learning and release curves per arm and seed")
     md += ["", "## Curves", "", "![curves](curves.png)", ""]
-    md_text = "\n".join(md) + "\n"
-    path = os.path.join(wd, "report.md")
-    with open(path, "w") as f:
-        f.write(md_text)
-    with open(os.path.join(wd, "report.html"), "w") as f:
-        f.write(_markdown_to_html(md_text))
-    return path
+    return _write_report(wd, md)
 
 
 def write_compare_report(config, out) -> str:
@@ -243,6 +237,11 @@ def write_compare_report(config, out) -> str:
     if pics:
         md += ["", "## Example trajectories (last pictures of the first arm)", ""]
         md += [f"![trajectory]({os.path.relpath(p, wd)})" for p in pics]
+    return _write_report(wd, md)
+
+
+def _write_report(wd: str, md: list[str]) -> str:
+    """report.md and report.html in `wd`; returns the Markdown's path."""
     md_text = "\n".join(md) + "\n"
     path = os.path.join(wd, "report.md")
     with open(path, "w") as f:
