@@ -23,3 +23,20 @@ os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="opdjax-tests-tfds-")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every XLA CPU executable keeps ~3.5
+    memory mappings (its code, constants and data) while a cache holds it, and one pytest process
+    compiles ~15,000 programs over the fast stage: kept, they pass the kernel's limit of 65,530
+    mappings per process (vm.max_map_count), and the next compile segfaults inside XLA. Freed
+    here, a module's programs unmap; a program another module needs again is recompiled."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -119,3 +119,21 @@ def test_bad_arrays_are_named():
     arrays["teacher_cand_logp"] = arrays["teacher_cand_logp"][:, :5]
     with pytest.raises(ValueError, match="teacher_cand_logp has shape"):
         collapse_stats.check_arrays(arrays)
+
+
+def test_permutation_calibration_releases_a_subset_of_bic_at_the_same_penalty():
+    """Issue 16: under release.bic_penalty = 5 a planted 2.5-s.d. drop still has small p-values,
+    but delta BIC < 0 on most rollouts; the permutation calibration (BIC's test AND p <= alpha)
+    releases only rollouts plain BIC releases, and its chance level is the combined test's."""
+    c = rule.release_config()
+    c.bic_penalty = 5.0
+    settings = rule.settings_from_config(c)
+    arrays = arrays_from_margins(sentence_margins(64, 12, shift_at=8, shift=2.5, seed=0), 5)
+    results, per = collapse_stats.diagnose(arrays, settings, collapse_stats.DiagnoseSettings(variants=("advantage_gap",)))
+    r = per["advantage_gap"]
+    bic, perm = r["bic/detected"].astype(bool), r["permutation/detected"].astype(bool)
+    np.testing.assert_array_equal(perm, bic & (r["p_down"] <= settings.alpha))
+    assert np.mean(r["p_down"] <= settings.alpha) > 0.8 > np.mean(bic)  # the two halves of the test disagree
+    assert np.all(r["permutation/chance"] <= r["bic/chance"] + 1e-6)
+    s = results["variants"]["advantage_gap"]["all"]
+    assert s["permutation"]["down_rate"] <= s["bic"]["down_rate"]

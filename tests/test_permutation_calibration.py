@@ -144,3 +144,98 @@ def test_trimmed_scan_width_changes_nothing():
     np.testing.assert_array_equal(np.asarray(narrow.weights), np.asarray(wide.weights))
     np.testing.assert_allclose(np.asarray(narrow.changepoint.delta_bic), np.asarray(wide.changepoint.delta_bic),
                                rtol=1e-5)
+
+
+# --- issue 16 item 2: the permutation test is BIC's test (with lambda) AND p <= alpha
+def _random_rows(seed, B=32, J_max=20):
+    """Rows of 6..J_max valid sentences, half with a planted downward shift of 0.5..2.5 s.d."""
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(B, J_max))
+    valid = np.zeros((B, J_max), bool)
+    for b in range(B):
+        J = int(rng.choice([6, 9, 12, J_max]))
+        valid[b, :J] = True
+        if b % 2 == 0:
+            M[b, int(rng.integers(J // 3, 2 * J // 3 + 1)):J] -= rng.uniform(0.5, 2.5)
+    return M, valid
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 5.0, 20.0])
+def test_permutation_releases_are_a_subset_of_bic(penalty):
+    """Every permutation-released row is BIC-released at the same lambda (RELEASE_RULE.md), in the
+    jitted test and in the float64 oracle alike; so are the chance columns (a reordering counts
+    only if its own delta BIC > 0 as well)."""
+    M, valid = _random_rows(int(penalty * 10))
+    kw = dict(alpha=0.05, penalty=penalty)
+    with jax.enable_x64(True):
+        orders = changepoint.permutation_orders(jax.random.key(5), jnp.asarray(valid), 39)
+        got = changepoint.permutation_test(jnp.asarray(M), jnp.asarray(valid), orders, **kw)
+        cp = changepoint.bic_scan(jnp.asarray(M), jnp.asarray(valid), penalty=penalty)
+    want = changepoint.permutation_test_numpy_loop(M, valid, np.asarray(orders), **kw)
+    for field in changepoint.PermutationTest._fields:
+        np.testing.assert_allclose(np.asarray(getattr(got, field), np.float64),
+                                   np.asarray(getattr(want, field), np.float64), atol=1e-9, err_msg=field)
+    for pt in (got, want):
+        det, up = np.asarray(pt.detected), np.asarray(pt.upward_detected)
+        np.testing.assert_array_equal(det, np.asarray(cp.detected) & (np.asarray(pt.p_down) <= 0.05))
+        np.testing.assert_array_equal(up, np.asarray(cp.upward_detected) & (np.asarray(pt.p_up) <= 0.05))
+        assert np.all(np.asarray(pt.chance_permutation) <= np.asarray(pt.chance_bic) + 1e-12)
+        assert np.all(np.asarray(pt.chance_permutation_up) <= np.asarray(pt.chance_bic_up) + 1e-12)
+    # the rows where the two tests disagree exist at both ends of the sweep
+    p_ok = np.asarray(got.p_down) <= 0.05
+    if penalty >= 5:
+        assert np.any(p_ok & ~np.asarray(cp.detected))  # p small, delta BIC < 0: not released any more
+    else:
+        assert np.any(np.asarray(cp.detected) & ~p_ok)  # BIC fires, the permutation test does not
+
+
+# One 12-sentence row (a 1-s.d. drop after sentence 6): p = 3/201 whatever lambda, while
+# delta BIC = 12 ln(RSS_0/RSS_1) - 2 lambda ln 12 is +5.47 at lambda = 1 and -14.41 at lambda = 5.
+ISSUE_ROW = np.array([[0.3, -0.5, 0.8, -0.2, 0.6, -0.7, -0.9, -0.5, -1.4, -1.8, -0.3, -1.1]])
+
+
+def _issue_row_delta_bic(penalty):
+    """By hand: the best downward split of ISSUE_ROW is after sentence 5 (checked by the scan)."""
+    m, tau = ISSUE_ROW[0], 5
+    rss0 = np.sum((m - m.mean()) ** 2)
+    rss1 = np.sum((m[:tau] - m[:tau].mean()) ** 2) + np.sum((m[tau:] - m[tau:].mean()) ** 2)
+    return 12 * np.log((rss0 + 1e-8) / (rss1 + 1e-8)) - 2 * penalty * np.log(12)
+
+
+@pytest.mark.parametrize("penalty,released", [(1.0, True), (5.0, False), (20.0, False)])
+def test_issue_row_negative_delta_bic_is_not_released(penalty, released):
+    valid = np.ones_like(ISSUE_ROW, bool)
+    orders = changepoint.permutation_orders(jax.random.key(0), jnp.asarray(valid), 200)
+    want = changepoint.permutation_test_numpy_loop(ISSUE_ROW, valid, np.asarray(orders), penalty=penalty)
+    got = changepoint.permutation_test(jnp.asarray(ISSUE_ROW, jnp.float32), jnp.asarray(valid), orders,
+                                       penalty=penalty)
+    cp = changepoint.bic_scan_numpy_loop(ISSUE_ROW, valid, penalty=penalty)
+    assert int(cp.split[0]) == 5
+    np.testing.assert_allclose(cp.delta_bic[0], _issue_row_delta_bic(penalty), rtol=1e-12)
+    assert (cp.delta_bic[0] > 0) == released
+    assert float(want.p_down[0]) == pytest.approx(3 / 201) and float(got.p_down[0]) == pytest.approx(3 / 201)
+    assert bool(want.detected[0]) == released and bool(got.detected[0]) == released
+
+
+def test_lambda_sweep_changes_permutation_releases():
+    """The p-values do not depend on lambda, the releases do: they fall as lambda grows, through the
+    rule's own decision too (release.calibration = "permutation")."""
+    M, valid = _random_rows(3, B=64)
+    rates, p = [], None
+    with jax.enable_x64(True):  # float64: the shifted penalty moves no near-tie across the >= of p
+        orders = changepoint.permutation_orders(jax.random.key(2), jnp.asarray(valid), 99)
+        for penalty in (1.0, 2.0, 3.0, 5.0):
+            pt = changepoint.permutation_test(jnp.asarray(M), jnp.asarray(valid), orders, penalty=penalty)
+            p = np.asarray(pt.p_down) if p is None else p
+            np.testing.assert_array_equal(np.asarray(pt.p_down), p)
+            rates.append(float(np.mean(pt.detected)))
+    # before the fix: 0.23 at every lambda (the share with p <= alpha); now 0.23, 0.14, 0.08, 0
+    assert rates[0] > rates[1] > rates[2] > rates[3] == 0.0, rates
+
+    planted = arrays_from_margins(sentence_margins(32, 12, shift_at=8, shift=1.5, seed=4), 5)
+    low, high = (_decide(planted, calibration="permutation", permutations=99, bic_penalty=lam) for lam in (1.0, 5.0))
+    for d in (low, high):
+        perm, bic = float(d.stats["rule_release_rate"]), float(d.stats["bic_release_rate"])
+        assert perm <= bic
+        assert float(d.stats["shuffled_release_rate"]) <= float(d.stats["bic_chance_rate"]) + 1e-6
+    assert float(low.stats["rule_release_rate"]) > float(high.stats["rule_release_rate"])

@@ -160,3 +160,47 @@ def test_pictures_from_a_decision(tok, tmp_path):
     html = next(p for p in paths if p.suffix == ".html").read_text()
     assert html.count('class="tok rel"') == T - first_token[5]  # the released suffix, greyed
     assert ">boxed<" in html and "&lt;|im_end|&gt;" in html  # every token shown, escaped
+
+
+def test_random_matched_carries_the_rules_weight_mass_under_fades(tok):
+    # The random arm must carry the rule's sum w, fades included (not the rule's mass as a token
+    # count with the fade applied again on top).
+    batch, first_token, T = planted_batch(tok, rows=4, pad_to=140)
+    for fade in (dict(fade="linear", fade_tokens=4), dict(fade="exp", half_life=3.0)):
+        rule_w = np.asarray(rule.decide_release(settings(**fade), tokenizer=tok, **batch).weights)
+        rnd = rule.decide_release(settings(mode="random_matched", **fade), tokenizer=tok, key=jax.random.key(7),
+                                  **batch)
+        w = np.asarray(rnd.weights)
+        bound = 4 * w.size * 2.0 ** -24 * rule_w.sum()  # float32 summation error of sum w, see test_weights
+        assert abs(w.sum() - rule_w.sum()) <= bound, (fade, w.sum(), rule_w.sum())
+        assert len(set(np.asarray(rnd.release_index).tolist())) > 1
+        assert (w[~batch["response_mask"]] == 0).all() and (np.diff(w, axis=1) <= 0).all()
+        s = rule.summary(rnd)
+        assert abs(s["kept_share"] - s["rule_kept_share"]) <= bound / batch["response_mask"].sum()
+
+
+def test_margin_statistics_leave_undefined_margins_out():
+    # Late undefined margins (the last third of every row) must not count as 0 in margin_after
+    # and the deciles; |A_t| statistics still cover every response token.
+    lengths = np.array([60, 48, 54])
+    R = 60
+    t = np.arange(R)[None, :]
+    mask = t < lengths[:, None]
+    rs = np.random.RandomState(0)
+    margin = (np.where(t < 20, 4.0, 1.0) + 0.1 * rs.randn(3, R)).astype(np.float32)
+    defined = mask & (3 * t < 2 * lengths[:, None])
+    adv = rs.randn(3, R).astype(np.float32)
+    sent_ids = np.where(mask, t // 4, -1).astype(np.int32)
+    out = rule.ReleaseDecision(*rule._decide(settings(), 16, jnp.asarray(margin), jnp.asarray(defined),
+                                             jnp.asarray(adv), jnp.asarray(sent_ids), jnp.asarray(mask),
+                                             jax.random.key(0)), None)
+    r = np.asarray(out.release_index)
+    assert (r == 20).all()  # the planted drop; tokens after it are defined up to 2T/3 only
+    after = mask & (t >= r[:, None])
+    s = rule.summary(out)
+    np.testing.assert_allclose(s["margin_after"], margin[after & defined].mean(), rtol=1e-5)
+    np.testing.assert_allclose(s["margin_before"], margin[~after & defined].mean(), rtol=1e-5)
+    np.testing.assert_allclose(s["abs_adv_after"], np.abs(adv[after]).mean(), rtol=1e-5)
+    bins = (10 * t) // lengths[:, None]
+    want = [margin[defined & (bins == k)].mean() if (defined & (bins == k)).any() else np.nan for k in range(10)]
+    np.testing.assert_allclose(s["margin_by_decile"], want, rtol=1e-5)

@@ -249,3 +249,113 @@ def test_margin_deciles_on_a_long_row():
     got = rl.release_stats(np.array([T], np.int32), mask, mask.astype(np.float32), margin, margin)
     want = [np.mean([t for t in range(T) if (10 * t) // T == k]) for k in range(10)]
     np.testing.assert_allclose(np.asarray(got["margin_by_decile"]), want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- random_matched under fades
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def random_order_loop(key, mask):
+    """The (row, t) real tokens in random_release_index's documented order: threshold
+    (t + 1) / (u_b * T_b) in float32, ties in row-major order."""
+    u = 1.0 - np.asarray(jax.random.uniform(key, (mask.shape[0],), jnp.float32))
+    T = mask.sum(1)
+    toks = [(np.float32(t + 1) / (u[b] * np.float32(max(T[b], 1))), b * mask.shape[1] + t, b, t)
+            for b in range(mask.shape[0]) for t in range(T[b])]
+    return [(b, t) for *_, b, t in sorted(toks)]
+
+
+def matched_loop(key, mask, target, fade, fade_tokens=0, half_life=1.0):
+    """Brute force in float64: add tokens in the random order while sum_b S_b(r_b) <= target, with
+    S_b(r) summed directly from the weights; the first token that does not fit moves its row a
+    fraction theta of the way from w(r) to w(r + 1)."""
+    def row(b, r):
+        return weights_loop(np.full(mask.shape[0], r), mask, fade, fade_tokens, half_life)[b]
+    r = np.zeros(mask.shape[0], np.int64)
+    mass = sum(row(b, 0).sum() for b in range(mask.shape[0]))
+    for b, t in random_order_loop(key, mask):
+        assert t == r[b]  # the order keeps a prefix of every row
+        inc = row(b, t + 1).sum() - row(b, t).sum()
+        if mass + inc > target:
+            theta = (target - mass) / inc
+            w = weights_loop(r, mask, fade, fade_tokens, half_life)
+            w[b] = (1 - theta) * row(b, t) + theta * row(b, t + 1)
+            return r, w
+        mass += inc
+        r[b] += 1
+    return r, weights_loop(r, mask, fade, fade_tokens, half_life)
+
+
+@FAST
+@given(lengths=st.lists(st.integers(0, R), min_size=B, max_size=B), n1024=st.integers(0, 1024),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_random_matched_hard_is_random_release_bit_for_bit(lengths, n1024, seed):
+    ratio = n1024 / 1024
+    mask = np.arange(R)[None, :] < np.array(lengths)[:, None]
+    key = jax.random.key(seed)
+    k = math.floor(ratio * sum(lengths) + 0.5)
+    r, w = rl.random_matched_weights(key, mask, float(k), "hard")
+    r_old = np.asarray(rl.random_release_index(key, mask, ratio))
+    np.testing.assert_array_equal(np.asarray(r), r_old)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(rl.random_release_weights(key, mask, ratio)))
+
+
+FADE_SETTINGS = [("hard", 32, 16.0), ("linear", 1, 16.0), ("linear", 3, 16.0), ("linear", 8, 16.0),
+                 ("exp", 32, 0.7), ("exp", 32, 4.0), ("exp", 32, 16.0)]
+
+
+@pytest.mark.parametrize("fade,fade_tokens,half_life", FADE_SETTINGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_random_matched_carries_the_rules_weight_mass(fade, fade_tokens, half_life, seed):
+    rng = np.random.default_rng(seed)
+    b, n = 8, 40
+    lengths = rng.integers(0, n + 1, b)
+    lengths[0] = n
+    mask = np.arange(n)[None] < lengths[:, None]
+    # the rule: two rows in three released at a random point, the others supervised throughout
+    released = np.arange(b) % 3 != 2
+    r_rule = np.where(released, (rng.uniform(0.1, 0.9, b) * lengths).astype(np.int32), lengths).astype(np.int32)
+    fade_kw = dict(fade_tokens=fade_tokens, half_life=half_life)
+    rule_w = rl.release_weights(r_rule, mask, fade, **fade_kw)
+    target = jnp.sum(rule_w)
+    key = jax.random.key(100 + seed)
+    r, w = rl.random_matched_weights(key, mask, target, fade, **fade_kw)
+    r, w = np.asarray(r), np.asarray(w)
+    # float32 error bound: the target's sum, the cumulative mass that picks the cut and the
+    # result's sum each err by at most N u sum(w) (recursive summation), plus the slack
+    bound = 4 * mask.size * U32 * float(target)
+    assert abs(float(np.sum(w)) - float(target)) <= bound, (float(np.sum(w)), float(target))
+    assert w.dtype == np.float32
+    assert np.all((0 <= w) & (w <= 1)) and np.all(w[~mask] == 0)
+    assert np.all(np.diff(w, axis=1) <= 0)  # non-increasing along every row
+    assert np.all((0 <= r) & (r <= lengths))
+    r_np, w_np = matched_loop(key, mask, float(target), fade, fade_tokens, half_life)
+    # Near a cut the two may place one token differently (theta ~ 1 here, ~ 0 there); the weights
+    # are continuous in the cut, so they still agree within the mass error bound.
+    np.testing.assert_allclose(w, w_np, rtol=0, atol=bound + 4 * U32)
+    assert np.sum(np.abs(r - r_np)) <= 1
+
+
+def test_release_stats_leave_undefined_margins_out():
+    # NaN marks an undefined margin: margin means use defined tokens only, |A_t| means all tokens.
+    rng = np.random.default_rng(0)
+    lengths = np.array([R, 9, 6, 0, 11])
+    mask = np.arange(R)[None, :] < lengths[:, None]
+    margin = rng.normal(2.0, 1.0, size=(B, R)).astype(np.float32)
+    late = np.arange(R)[None, :] >= (2 * lengths[:, None] + 2) // 3  # last third of each row
+    margin[late] = np.nan
+    adv = rng.normal(size=(B, R)).astype(np.float32)
+    r = np.array([4, 3, 6, 0, 7], np.int32)
+    w = np.asarray(rl.release_weights(r, mask, "hard"))
+    got = rl.release_stats(r, mask, w, margin, adv)
+    defined = mask & ~late
+    t = np.arange(R)[None, :]
+    after = mask & (t >= r[:, None])
+    np.testing.assert_allclose(got["margin_after"], margin[after & defined].mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["margin_before"], margin[~after & defined].mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["abs_adv_after"], np.abs(adv[after]).mean(), rtol=1e-6)
+    bins = (10 * t) // np.maximum(lengths, 1)[:, None]
+    want = [margin[defined & (bins == k)].mean() if (defined & (bins == k)).any() else np.nan for k in range(10)]
+    np.testing.assert_allclose(np.asarray(got["margin_by_decile"]), want, rtol=1e-6)
+    assert np.isnan(want[-1])  # the last decile is undefined on every row: NaN, not 0

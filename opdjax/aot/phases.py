@@ -23,7 +23,7 @@ from opdjax.sharding import ShardingPlan
 from opdjax.teachability import margins, rule
 from opdjax.teachability.scoring import teacher_logprobs
 from opdjax.train.loop import init_state, make_optimizer
-from opdjax.train.step import StepSettings, TrainBatch, jit_train_step, state_shardings
+from opdjax.train.step import TrainBatch, jit_train_step, state_shardings, step_settings_from_config
 
 
 @dataclasses.dataclass
@@ -131,9 +131,7 @@ def opd_phases(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, relea
         f"{B} rows x {width} sentences (release.max_sentences), {release.calibration}",
         resident_outside=state_bytes + teacher_bytes))
 
-    step_settings = StepSettings(loss=c.loss.name, prompt_len=P, microbatches=c.batch.microbatches,
-                                 chunk_tokens=c.loss.chunk_tokens, clip_eps=float(c.loss.clip_eps),
-                                 jsd_beta=float(c.loss.jsd_beta))
+    step_settings = step_settings_from_config(c, P)
     step = jit_train_step(tx, student_cfg, teacher_cfg, step_settings, plan, s_dtype)
     batch = TrainBatch(sds(plan, (B, T), i32, row), sds(plan, (B, T), bool, row),
                        losses.LossInputs(resp(i32), resp(f32), resp(f32), cand(i32), cand(f32)), resp(f32))

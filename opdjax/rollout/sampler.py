@@ -92,17 +92,26 @@ def sampling_logits(logits: jax.Array, s: SamplingSettings) -> jax.Array:
     """float32 logits of the distribution sampled from: temperature, then top-k, then top-p
     (the smallest set of most likely tokens whose mass reaches top_p; ties at the edge kept).
     Excluded tokens get -inf. Temperature 0 is handled by the caller (greedy)."""
-    x = logits.astype(jnp.float32) / max(s.temperature, 1e-6)
-    if s.top_k:
-        kth = jax.lax.top_k(x, s.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if s.top_p < 1.0:
+    return tempered_truncated(logits, s.temperature, s.top_k, s.top_p)
+
+
+def tempered_truncated(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                       fill: float = -jnp.inf) -> jax.Array:
+    """`sampling_logits` with explicit settings, excluded tokens set to `fill`. The OPD train step
+    scores pi_theta with the same function (train/step.py: the policy being trained is the one
+    sampled from), with a finite `fill` so that 0 * fill stays 0 inside the losses; softmax gives
+    the excluded tokens probability exactly 0 either way."""
+    x = logits.astype(jnp.float32) / max(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        x = jnp.where(x < kth, fill, x)
+    if top_p < 1.0:
         sorted_desc = -jnp.sort(-x, axis=-1)
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-        keep_sorted = before < s.top_p  # the token that crosses top_p is kept
+        keep_sorted = before < top_p  # the token that crosses top_p is kept
         cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, -jnp.inf, x)
+        x = jnp.where(x < cutoff, fill, x)
     return x
 
 

@@ -233,16 +233,19 @@ class PermutationTest(NamedTuple):
     p = (1 + #{reorderings with delta_bic >= observed}) / (P + 1), the standard permutation
     p-value: under exchangeable sentence scores (no shift, no trend), P(p <= alpha) <= alpha for
     every alpha, whatever J, the penalty or the score distribution. The penalty term
-    -kappa lambda ln J is the same for a trajectory and its reorderings, so lambda cancels here.
-    A trajectory with no downward candidate has p = 1 and is never detected.
+    -kappa lambda ln J is the same for a trajectory and its reorderings, so lambda does not change
+    p; it enters through the other half of the test: a trajectory is detected iff the plain BIC
+    test fires (delta_bic > 0 at lambda, J >= 2 * min_segment) AND p <= alpha. Permutation
+    releases are therefore a subset of BIC's at the same lambda, and still at most alpha of
+    shift-free trajectories. A trajectory with no downward candidate has p = 1 and is never detected.
     """
     p_down: jax.Array             # [B] float32
     p_up: jax.Array               # [B] float32 (the same for the best upward shift)
-    detected: jax.Array           # [B] bool: downward candidate, J >= 2 * min_segment, p_down <= alpha
-    upward_detected: jax.Array    # [B] bool
+    detected: jax.Array           # [B] bool: delta_bic > 0, J >= 2 * min_segment, p_down <= alpha
+    upward_detected: jax.Array    # [B] bool: the same for upward shifts
     chance_bic: jax.Array         # [B] share of the reorderings on which the plain BIC test fires
     chance_bic_up: jax.Array      # [B] the same for upward shifts
-    chance_permutation: jax.Array     # [B] share of reorderings the permutation test itself flags
+    chance_permutation: jax.Array     # [B] share of reorderings the combined test itself flags
     chance_permutation_up: jax.Array  # [B]
 
 
@@ -315,7 +318,8 @@ def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 
     The chance columns are the rates one would see on trajectories with no structure at all:
     `chance_bic` is the plain BIC test's firing rate on the reorderings, `chance_permutation`
     treats each reordering in turn as the observation (against the other P - 1 and the real
-    order), which is <= alpha up to ties.
+    order) under the same combined test: flagged iff its own delta BIC > 0 and its p <= alpha;
+    so chance_permutation <= min(chance_bic, alpha) up to ties.
     """
     check_release_config(penalty=penalty, min_segment=min_segment, variance=variance)
     num_permutations = orders.shape[1]
@@ -335,7 +339,7 @@ def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 
         down, up, fired, fired_up = (jnp.moveaxis(a, 0, 1) for a in (down, up, fired, fired_up))  # [B, P]
     enough = observed.num_sentences >= 2 * min_segment
 
-    def calibrate(null, obs_stat):
+    def calibrate(null, null_fired, obs_stat):
         p = jnp.where(jnp.isfinite(obs_stat), _p_values(null, obs_stat, num_permutations)[:, 0], 1.0)
         # Each reordering as the observation: (1 + #{other orders >= it}) / (P + 1), the other
         # orders being the P - 1 other reorderings and the real one. #{null >= x} counts x itself,
@@ -343,11 +347,13 @@ def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 
         at_least = _p_values(null, null, num_permutations) * (num_permutations + 1) - 1  # self included
         tied_or_above = obs_stat[:, None] >= null - tie_tolerance(null, null.dtype)
         p_null = (at_least + tied_or_above) / (num_permutations + 1)
-        flagged = jnp.isfinite(null) & (p_null <= alpha) & enough[:, None]
-        return p, jnp.isfinite(obs_stat) & enough & (p <= alpha), jnp.mean(flagged.astype(jnp.float32), axis=1)
+        # The combined test (plain BIC at lambda AND p <= alpha), for the real order and for
+        # each reordering (null_fired: the reordering's own delta BIC > 0, J >= 2 * min_segment).
+        flagged = null_fired & (p_null <= alpha)
+        return p, (obs_stat > 0) & enough & (p <= alpha), jnp.mean(flagged.astype(jnp.float32), axis=1)
 
-    p_down, detected, chance_perm = calibrate(down, observed.delta_bic)
-    p_up, up_detected, chance_perm_up = calibrate(up, observed.upward_delta_bic)
+    p_down, detected, chance_perm = calibrate(down, fired, observed.delta_bic)
+    p_up, up_detected, chance_perm_up = calibrate(up, fired_up, observed.upward_delta_bic)
     mean = lambda a: jnp.mean(a.astype(jnp.float32), axis=1)  # noqa: E731
     return PermutationTest(p_down, p_up, detected, up_detected, mean(fired), mean(fired_up), chance_perm,
                            chance_perm_up)
@@ -356,7 +362,9 @@ def permutation_test(M, valid, orders, *, alpha: float = 0.05, penalty: float = 
 def permutation_test_numpy_loop(M, valid, orders, *, alpha: float = 0.05, penalty: float = 1.0,
                                 min_segment: int = 2, variance: str = "shared",
                                 eps: float = 1e-8) -> PermutationTest:
-    """Oracle: the float64 O(J^2) loop on every reordering, counts by plain comparisons."""
+    """Oracle: the float64 O(J^2) loop on every reordering, counts by plain comparisons; detected
+    iff the plain BIC test fires (delta BIC > 0 at `penalty`) and p <= alpha, for the real order
+    and for each reordering in the chance column alike."""
     M, valid, orders = np.asarray(M, np.float64), np.asarray(valid, bool), np.asarray(orders)
     B, P = orders.shape[:2]
     kw = dict(penalty=penalty, min_segment=min_segment, variance=variance, eps=eps)
@@ -374,10 +382,10 @@ def permutation_test_numpy_loop(M, valid, orders, *, alpha: float = 0.05, penalt
             for j in range(P):
                 others = [null[k] for k in range(P) if k != j] + [stat]
                 p_j = (1 + sum(x >= null[j] - tol(null[j]) for x in others)) / (P + 1)
-                flagged += bool(np.isfinite(null[j]) and p_j <= alpha and enough)
+                flagged += bool(null[j] > 0 and p_j <= alpha and enough)
             name = "down" if not suffix else "up"
             out[f"p_{name}"][b] = p
-            out["detected" if not suffix else "upward_detected"][b] = np.isfinite(stat) and enough and p <= alpha
+            out["detected" if not suffix else "upward_detected"][b] = stat > 0 and enough and p <= alpha
             out[f"chance_bic{suffix}"][b] = np.mean(fired)
             out[f"chance_permutation{suffix}"][b] = flagged / P
     for k in ("detected", "upward_detected"):

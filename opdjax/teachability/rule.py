@@ -7,7 +7,7 @@
                                      release.calibration = "permutation"), release index, weights, stats
 The result's `weights` [B, R] is the one array the loss consumes, whatever `release.mode` is:
 `bic` (the rule), or the baselines `full` (plain OPD), `prefix_fraction`, `random_matched`
-(random release points keeping the same share of tokens as the rule on this very batch).
+(random release points carrying the same weight mass Σw as the rule on this very batch).
 
 `release_config()` holds every switch with its default; `settings_from_config` validates the
 whole section by field name before anything is compiled or computed. `release.from_diagnosis`
@@ -330,16 +330,15 @@ def _decide(s: ReleaseSettings, width: int, margin, margin_defined, advantage, s
     kept_ratio = jnp.sum(rule_w) / jnp.maximum(jnp.sum(response_mask), 1)
     lengths = weights.response_lengths(response_mask)
     if s.mode == "bic":
-        r = rule_r
-    elif s.mode == "full":
-        r = lengths
-    elif s.mode == "prefix_fraction":
-        r = weights.prefix_fraction_index(response_mask, s.prefix_fraction)
-    else:  # random_matched
-        r = weights.random_release_index(key_random, response_mask, kept_ratio)
-    w = rule_w if s.mode == "bic" else weights.release_weights(r, response_mask, s.fade, s.fade_tokens,
-                                                               s.half_life)
-    stats = weights.release_stats(r, response_mask, w, jnp.nan_to_num(g), advantage)
+        r, w = rule_r, rule_w
+    elif s.mode == "random_matched":  # random points carrying the rule's sum w, fades included
+        r, w = weights.random_matched_weights(key_random, response_mask, jnp.sum(rule_w), s.fade, s.fade_tokens,
+                                              s.half_life)
+    else:
+        r = lengths if s.mode == "full" else weights.prefix_fraction_index(response_mask, s.prefix_fraction)
+        w = weights.release_weights(r, response_mask, s.fade, s.fade_tokens, s.half_life)
+    # g stays NaN where the margin is undefined: the margin statistics leave those tokens out
+    stats = weights.release_stats(r, response_mask, w, g, advantage)
     stats["rule_release_rate"] = jnp.mean(cp.detected.astype(jnp.float32))
     stats["rule_kept_share"] = kept_ratio
     stats["upward_shift_rate"] = jnp.mean(cp.upward_detected.astype(jnp.float32))

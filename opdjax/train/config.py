@@ -58,8 +58,10 @@ def opd_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0  # 0 = off
     c.rollout.stop_tokens = ()  # extra stop ids; the tokenizer's EOS always stops
-    # which student log-prob is pi_old in the loss and in A_t: "sampled" = the distribution actually
-    # sampled from (after temperature / top-p / top-k), "model" = the student's own softmax.
+    # which student policy the loss trains, as pi_old, in A_t and as pi_theta in the step: "sampled" =
+    # the distribution actually sampled from (after temperature / top-k / top-p; the step applies the
+    # same transform to pi_theta, so rho = 1 on-policy), "model" = the student's own softmax (then
+    # tempered / truncated rollouts are off-policy samples of it, without importance correction).
     c.rollout.old_logp = "sampled"
 
     c.batch = schema.batch_section()  # microbatches

@@ -47,7 +47,7 @@ from opdjax.teachability.scoring import TeacherScores, teacher_logprobs
 from opdjax.train import metrics as metrics_lib
 from opdjax.train import loop
 from opdjax.train.loop import init_state, learning_rate_schedule, make_optimizer
-from opdjax.train.step import StepSettings, TrainBatch, jit_train_step, state_shardings
+from opdjax.train.step import TrainBatch, jit_train_step, state_shardings, step_settings_from_config
 from opdjax.train.validate import load_tokenizer_for, validate_config
 
 log = logging.getLogger(__name__)
@@ -370,9 +370,7 @@ class OPDJob:
         self.phases = Phases(config, checked.release, sampling_settings(config, checked.release, student_tok,
                                                                         self.student_cfg),
                              self.student_cfg, self.teacher_cfg, student_tok, data.prompt_len, plan)
-        step_settings = StepSettings(loss=config.loss.name, prompt_len=data.prompt_len,
-                                     microbatches=config.batch.microbatches, chunk_tokens=config.loss.chunk_tokens,
-                                     clip_eps=float(config.loss.clip_eps), jsd_beta=float(config.loss.jsd_beta))
+        step_settings = step_settings_from_config(config, data.prompt_len)
         self.train_step = jit_train_step(tx, self.student_cfg, self.teacher_cfg, step_settings, plan, dtype)
         self.eval_key = jax.random.key(config.seed + 1)  # same eval draws for every run / arm / step
         self.teacher_params = self.writer = None

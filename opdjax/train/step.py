@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from opdjax import losses
 from opdjax.models import qwen
 from opdjax.models.config import ModelConfig
+from opdjax.rollout.sampler import tempered_truncated
 from opdjax.sharding import ShardingPlan
 from opdjax.train.loop import accumulate_gradients, guarded_update, state_shardings_for
 
@@ -39,6 +40,43 @@ class StepSettings:
     clip_eps: float = 0.2
     jsd_beta: float = 0.5
     remat: bool = True
+    # The policy the loss trains, pi_theta: the student's logits through the same temperature /
+    # top-k / top-p as the sampler's (rollout.old_logp="sampled"), so that pi_old, A_t and pi_theta
+    # are one distribution and rho = 1 on-policy. (1.0, 0, 1.0) = the plain softmax
+    # (rollout.old_logp="model", or an untempered rollout).
+    policy_temperature: float = 1.0
+    policy_top_k: int = 0
+    policy_top_p: float = 1.0
+
+    @property
+    def policy_is_softmax(self) -> bool:
+        return self.policy_temperature == 1.0 and not self.policy_top_k and self.policy_top_p >= 1.0
+
+
+def step_settings_from_config(c, prompt_len: int) -> StepSettings:
+    """The OPD config's loss / batch / rollout sections as the step's settings. With
+    rollout.old_logp="sampled" (the default) pi_old is the sampling distribution, so pi_theta gets
+    the sampler's transform too; with "model" both are the plain softmax."""
+    r = c.rollout
+    policy = {}
+    if r.old_logp == "sampled":
+        policy = dict(policy_temperature=float(r.temperature), policy_top_k=int(r.top_k),
+                      policy_top_p=float(r.top_p))
+    return StepSettings(loss=c.loss.name, prompt_len=prompt_len, microbatches=c.batch.microbatches,
+                        chunk_tokens=c.loss.chunk_tokens, clip_eps=float(c.loss.clip_eps),
+                        jsd_beta=float(c.loss.jsd_beta), **policy)
+
+
+# Excluded tokens' logit in the step's truncated policy: finite, so that p * log p terms at p = 0 stay 0
+# in the losses; exp(POLICY_FILL - max) is exactly 0 in float32, as -inf is in the sampler.
+POLICY_FILL = -1e9
+
+
+def policy_logits(logits, s: StepSettings):
+    """The float32 logits of pi_theta (StepSettings.policy_*); the identity for the plain softmax."""
+    if s.policy_is_softmax:
+        return logits
+    return tempered_truncated(logits, s.policy_temperature, s.policy_top_k, s.policy_top_p, fill=POLICY_FILL)
 
 
 def state_shardings(tx, student_cfg: ModelConfig, plan: ShardingPlan, param_dtype) -> dict:
@@ -60,7 +98,7 @@ def loss_on_batch(params, teacher_params, batch: TrainBatch, student_cfg: ModelC
         t_pred = jax.lax.stop_gradient(jax.lax.slice_in_dim(t_hidden, P - 1, P - 1 + R, axis=1))
         t_logits_fn = lambda h: qwen.logits_from_hidden(teacher_params, h, plan)
     return losses.chunked_loss(
-        s.loss, student_hidden=pred, student_logits_fn=lambda h: qwen.logits_from_hidden(params, h, plan),
+        s.loss, student_hidden=pred, student_logits_fn=lambda h: policy_logits(qwen.logits_from_hidden(params, h, plan), s),
         inputs=batch.inputs, coeff=batch.coeff, teacher_hidden=t_pred, teacher_logits_fn=t_logits_fn,
         chunk_tokens=s.chunk_tokens, clip_eps=s.clip_eps, jsd_beta=s.jsd_beta)
 

@@ -129,6 +129,31 @@ def check_rollout(r) -> None:
                           "float32 or bfloat16.")
 
 
+def check_policy(r, loss) -> None:
+    """The sampling transform against the policy the OPD loss trains (train/step.py). With
+    rollout.old_logp="sampled", pi_old, A_t and pi_theta are all the sampling distribution
+    (temperature, top-k, top-p), so the transform must define a density and a finite loss."""
+    if r.old_logp != "sampled":
+        return
+    if r.temperature == 0:
+        raise ConfigError(
+            "config.rollout.temperature=0 (greedy) with config.rollout.old_logp='sampled': greedy rollouts have no "
+            "density (every candidate but the argmax has log-prob -inf), so every release margin is undefined, the "
+            "rule can never fire and the policy-gradient ratio is meaningless. Sample on-policy with "
+            "rollout.temperature > 0 (1.0 = the student's own distribution), or set rollout.old_logp='model' to "
+            "train the plain softmax on greedy rollouts.")
+    truncated = r.top_k > 0 or r.top_p < 1.0
+    forward_kl = loss.name == "forward_kl_full" or (loss.name == "jsd" and loss.jsd_beta == 0.0)
+    if truncated and forward_kl:
+        raise ConfigError(
+            f"config.loss.name={loss.name!r}{' with loss.jsd_beta=0' if loss.name == 'jsd' else ''} under "
+            f"config.rollout.top_k={r.top_k} / top_p={r.top_p}: the policy trained is the truncated sampling "
+            "distribution (rollout.old_logp='sampled'), which gives 0 probability to tokens the teacher "
+            "supports, so KL(teacher || student) is infinite. Use rollout.top_k=0 and top_p=1.0, a reverse or "
+            "mixed divergence (reverse_kl_full, reverse_kl_topk, jsd with jsd_beta > 0, pg), or "
+            "rollout.old_logp='model' to train the untruncated softmax.")
+
+
 def check_checkpoint(ck) -> None:
     if not (_is_int(ck.every) and ck.every >= 0):
         raise ConfigError(f"config.checkpoint.every={ck.every!r} must be an integer >= 0 (0 = only at the end).")
@@ -267,6 +292,7 @@ def validate_config(c, *, num_devices: int | None = None, tokenizers=None) -> Ch
     if not 0 < c.rollout.top_p <= 1 or c.rollout.temperature < 0:
         raise ConfigError("config.rollout.top_p must be in (0, 1] and config.rollout.temperature >= 0 "
                           f"(got {c.rollout.top_p!r}, {c.rollout.temperature!r}).")
+    check_policy(c.rollout, c.loss)
 
     # Mesh and batch divisibility.
     n_dev = jax.device_count() if num_devices is None else num_devices
