@@ -188,11 +188,7 @@ def main(argv=None):
     res = {"machine": common.machine_info(), "args": vars(args), "torch_threads": threads, "setups": {}}
     for name in [s for s in args.setups.split(",") if s]:
         res["setups"][name] = run_setup(name, args)
-    res["total_s"] = time.perf_counter() - t0
-    print_table(res)
-    print(f"total {res['total_s']:.0f} s")
-    common.write_json(args.json, res)
-    return res
+    return common.finish(res, t0, print_table, args.json)
 
 
 if __name__ == "__main__":

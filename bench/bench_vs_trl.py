@@ -193,11 +193,7 @@ def main(argv=None):
         "TRL materialises [B, T, V] float32 logits for student and teacher; ours chunks the vocabulary losses",
         "the two sides run one after the other (ours jsd, TRL, ours pg), not interleaved; see other_busy_cores",
     ]
-    res["total_s"] = time.perf_counter() - t0
-    print_table(res)
-    print(f"total {res['total_s']:.0f} s")
-    common.write_json(args.json, res)
-    return res
+    return common.finish(res, t0, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -97,24 +97,17 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------ checkpoint
 def make_checkpoint(args) -> str:
-    """Random Qwen3 HF checkpoint (build_random_checkpoint's recipe with a chosen vocab and std)."""
-    import jax
-
+    """Random Qwen3 HF checkpoint of the chosen vocab and std (the toy tokenizer rides along, unused:
+    token ids are random), built once under args.ckpt_root."""
     from opdjax.data.tokenizer import build_toy_tokenizer
-    from opdjax.models import hf_io, qwen
-    from opdjax.models.config import ModelConfig
     a = args.arch
     name = f"vs_tunix_d{a['hidden_size']}_l{a['num_layers']}_v{args.vocab}_s{args.std}"
     out = os.path.join(args.ckpt_root, name)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    os.makedirs(out, exist_ok=True)
-    tok = build_toy_tokenizer(out)
-    cfg = ModelConfig(model_type="qwen3", vocab_size=args.vocab, tie_word_embeddings=True, dtype="float32",
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=4096, **a)
-    params = qwen.init_params(cfg, jax.random.key(0), std=args.std)
-    hf_io.save_pretrained(params, cfg, out)
-    return out
+    tok_dir = out + "_tokenizer"
+    build_toy_tokenizer(tok_dir)
+    return common.random_hf_checkpoint(out, tok_dir, a, args.vocab, seed=0, std=args.std, tie=True)
 
 
 # ------------------------------------------------------------------------------ bandwidth / floor
@@ -409,11 +402,7 @@ def main(argv=None):
         "compute (B=64 is no longer memory-bound on 2 cores: see compute_floor_ms, 2 x params x B FLOPs over the "
         "measured [2048, 2048] matmul peak) and the logits write",
     ]
-    res["total_s"] = time.perf_counter() - t0
-    print_table(res)
-    print(f"total {res['total_s']:.0f} s")
-    common.write_json(args.json, res)
-    return res
+    return common.finish(res, t0, print_table, args.json)
 
 
 if __name__ == "__main__":

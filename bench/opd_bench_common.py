@@ -78,6 +78,15 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def finish(res: dict, t0: float, print_table, path: str) -> dict:
+    """The end of every bench's main: total time, the table, the JSON."""
+    res["total_s"] = time.perf_counter() - t0
+    print_table(res)
+    print(f"total {res['total_s']:.0f} s")
+    write_json(path, res)
+    return res
+
+
 def write_json(path: str, obj) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -113,8 +122,9 @@ def _synthetic_corpus(n_sentences: int = 60000, n_words: int = 60000, seed: int 
     return lines
 
 
-def _random_hf_checkpoint(out_dir: str, tok_dir: str, arch: dict, vocab: int, seed: int, std: float,
-                          tie: bool) -> str:
+def random_hf_checkpoint(out_dir: str, tok_dir: str, arch: dict, vocab: int, seed: int, std: float,
+                         tie: bool) -> str:
+    """A random Qwen3 HF checkpoint of `arch` with normal(std) weights and the tokenizer of `tok_dir`."""
     import jax
 
     from opdjax.data.tokenizer import load_tokenizer
@@ -158,8 +168,8 @@ def make_pair(kind: str, root: str) -> dict:
             t0 = time.perf_counter()
             tok = build_toy_tokenizer(tok_dir, corpus=_synthetic_corpus(), vocab_size=M100_VOCAB)
             vocab = len(tok)
-            _random_hf_checkpoint(s, tok_dir, M100_STUDENT, vocab, seed=2, std=0.02, tie=False)
-            _random_hf_checkpoint(t, tok_dir, M100_TEACHER, vocab, seed=1, std=0.02, tie=False)
+            random_hf_checkpoint(s, tok_dir, M100_STUDENT, vocab, seed=2, std=0.02, tie=False)
+            random_hf_checkpoint(t, tok_dir, M100_TEACHER, vocab, seed=1, std=0.02, tie=False)
             print(f"built the 100M pair (tokenizer {vocab} ids) in {time.perf_counter() - t0:.0f} s", flush=True)
         return {"teacher": t, "student": s,
                 "source": "random ~100M student (bench_forward.py's config) + ~2x teacher (L=24), normal(0.02) "
