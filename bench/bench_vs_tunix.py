@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--hlo-dir", default="", help="also write our compiled decode step (B=8) HLO text here")
     p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "opdjax_bench_ckpts"))
     p.add_argument("--json", default=None)
+    p.add_argument("--long-cache", default="8,2048,160",
+                   help="B,S,live: one more decode step on a cache of S slots with only live filled (0 = skip)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     args.arch = dict(QUICK if args.quick else FULL)
@@ -90,6 +92,7 @@ def parse_args(argv=None):
         args.vocab, args.fwd_len, args.max_new_tokens, args.prompt_len = 1024, 64, 16, 16
         args.decode_batches, args.bw_mib, args.repeats, args.greedy_tokens, args.check_stride = "1,8", 64, 2, 8, 8
         args.tunix_decode_batches = "1,8"
+        args.long_cache = "8,512,40"
     if args.json is None:
         args.json = os.path.join(common.RESULTS, "vs_tunix_quick.json" if args.quick else "vs_tunix.json")
     return args
@@ -168,6 +171,33 @@ def measure_matmul_peak(n: int, repeats: int = 5) -> float:
     return 2 * n ** 3 / min(ts) / 1e9
 
 
+def measure_small_m_dot(arch: dict, rows: int = 8, layers: int = 16, repeats: int = 9) -> float:
+    """GB/s of weight bytes streamed by a chain of jitted float32 [rows, D] x [D, F] and
+    [rows, F] x [F, D] products over `layers` distinct weight pairs (too big for the caches): how
+    fast this machine's XLA dot kernels read weights at the decode step's small M. The step's
+    matmuls cannot beat it; the gap to the stream bandwidth is the kernels', not the model's."""
+    import jax
+    import jax.numpy as jnp
+    D, F = arch["hidden_size"], arch["intermediate_size"]
+    key = jax.random.key(0)
+    ups = [jax.random.normal(jax.random.fold_in(key, 2 * i), (D, F)) for i in range(layers)]
+    downs = [jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (F, D)) * 0.01 for i in range(layers)]
+
+    def chain(ups, downs, x):
+        for u, d in zip(ups, downs):
+            x = jnp.tanh(jnp.tanh(x @ u) @ d)
+        return x
+    f = jax.jit(chain)
+    x = jnp.ones((rows, D), jnp.float32)
+    f(ups, downs, x).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(ups, downs, x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * layers * D * F * 4 / statistics.median(ts) / 1e9
+
+
 def decode_bytes(cfg, B: int, S: int, itemsize: int = 4) -> dict:
     weights = cfg.num_params() * itemsize
     kv = cfg.num_layers * 2 * B * S * cfg.num_kv_heads * cfg.head_dim * itemsize
@@ -234,38 +264,50 @@ def run_ours(args, ckpt, data, outdir):
         return logits[:, 0], cache
 
     step_jit = jax.jit(step, donate_argnums=(2,))
-    res["decode"] = {}
-    for Bd in [int(b) for b in args.decode_batches.split(",") if b]:
+    # The decode loop's own weight layout (rollout.decode slices the layers once per generate
+    # call, outside its loop; so does this, outside the timed step). Tunix keeps per-layer modules.
+    dparams = jax.block_until_ready(qwen.unstack_layers(params))
+
+    def decode_case(Bd, S, live):
+        """Time one step of Bd rows on a cache of S slots whose first live - 1 hold K/V; the step
+        writes slot live - 1 (slots after it stay zero and invalid)."""
         k, v = cache_arrays(data["cache_seed"], L, Bd, S, K, hd)
-        k[:, :, S - 1] = 0
-        v[:, :, S - 1] = 0
+        k[:, :, live - 1:] = 0
+        v[:, :, live - 1:] = 0
         token = jnp.asarray((np.arange(Bd, dtype=np.int32) * 7919 + 11) % cfg.vocab_size)
-        valid = np.ones((Bd, S), bool)
-        valid[:, S - 1] = False
-        holder = {"cache": qwen.KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(valid), jnp.asarray(S - 1, jnp.int32),
-                                        jnp.full((Bd,), S - 1, jnp.int32))}
+        valid = np.arange(S)[None].repeat(Bd, 0) < live - 1
+        k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # our cache is [L, B, K, S, hd]
+        holder = {"cache": qwen.KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(valid), jnp.asarray(live - 1, jnp.int32),
+                                        jnp.full((Bd,), live - 1, jnp.int32))}
         del k, v
 
         def one():
             c = holder["cache"]
-            c = c._replace(valid=c.valid.at[:, S - 1].set(False), index=jnp.asarray(S - 1, jnp.int32),
-                           next_pos=jnp.full((Bd,), S - 1, jnp.int32))
-            lg, holder["cache"] = step_jit(params, token, c)
+            c = c._replace(valid=c.valid.at[:, live - 1].set(False), index=jnp.asarray(live - 1, jnp.int32),
+                           next_pos=jnp.full((Bd,), live - 1, jnp.int32))
+            lg, holder["cache"] = step_jit(dparams, token, c)
             jax.block_until_ready(lg)
             return lg
 
         lg = np.asarray(one())
-        np.save(os.path.join(outdir, f"ours_decode_logits_b{Bd}.npy"), lg)
-        r = timed(one, f"decode step B={Bd} S={S}", args)
-        res["decode"][str(Bd)] = {**r, "ms": 1000 * r["median_s"]}
-        if args.hlo_dir and Bd == 8:
+        r = timed(one, f"decode step B={Bd} S={S} live={live}", args)
+        if args.hlo_dir and Bd == 8 and S == live:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            c = holder["cache"]
-            compiled = jax.jit(step).lower(params, token, c).compile()
+            compiled = jax.jit(step).lower(dparams, token, holder["cache"]).compile()
             with open(os.path.join(args.hlo_dir, "ours_decode_step_b8.hlo.txt"), "w") as f:
                 f.write(compiled.as_text())
             print(f"[ours] wrote {args.hlo_dir}/ours_decode_step_b8.hlo.txt", flush=True)
         holder.clear()
+        return lg, {**r, "ms": 1000 * r["median_s"]}
+
+    res["decode"] = {}
+    for Bd in [int(b) for b in args.decode_batches.split(",") if b]:
+        lg, res["decode"][str(Bd)] = decode_case(Bd, S, S)
+        np.save(os.path.join(outdir, f"ours_decode_logits_b{Bd}.npy"), lg)
+    lc = data.get("long_cache")
+    if lc:
+        lg, res["decode_long"] = decode_case(lc["B"], lc["S"], lc["live"])
+        np.save(os.path.join(outdir, "ours_decode_long_logits.npy"), lg)
     return cfg, res
 
 
@@ -305,6 +347,9 @@ def compare(outdir, res, args):
         p = [os.path.join(outdir, f"{s}_decode_logits_b{Bd}.npy") for s in ("ours", "tunix")]
         if all(os.path.exists(x) for x in p):
             chk["decode_logits_max_abs_diff"][Bd] = float(np.abs(np.load(p[0]) - np.load(p[1])).max())
+    p = [os.path.join(outdir, f"{s}_decode_long_logits.npy") for s in ("ours", "tunix")]
+    if all(os.path.exists(x) for x in p):
+        chk["decode_logits_max_abs_diff"]["long"] = float(np.abs(np.load(p[0]) - np.load(p[1])).max())
     o, t = np.asarray(res["ours"]["greedy_tokens"]), np.asarray(res["tunix"]["greedy_tokens"])
     chk["greedy_identical"] = bool(o.shape == t.shape and (o == t).all())
     chk["greedy_agreement"] = float((o == t).mean()) if o.shape == t.shape else None
@@ -334,6 +379,10 @@ def print_table(res):
         print(f"{lab:<34} {d['ms']:12.1f} "
               + (f"{td['ms']:12.1f} {td['ms'] / d['ms']:10.2f}x {lo(d):7.2f}/{lo(td):.2f}" if td else
                  f"{'-':>12} {'-':>11} {lo(d):7.2f}/-"))
+    if "decode_long" in o and "decode_long" in t:
+        lc, d, td = res["long_cache"], o["decode_long"], t["decode_long"]
+        lab = f"decode step B={lc['B']} S={lc['S']} live={lc['live']} ms"
+        print(f"{lab:<34} {d['ms']:12.1f} {td['ms']:12.1f} {td['ms'] / d['ms']:10.2f}x {lo(d):7.2f}/{lo(td):.2f}")
     c = res["checks"]
     print(f"checks: forward logits max|diff| {c['forward_logits_max_abs_diff']:.2e} (max|logit| "
           f"{c['forward_logits_max_abs']:.2f}); decode logits max|diff| "
@@ -348,6 +397,16 @@ def print_table(res):
               f"{fl['ours_over_floor']:5.1f}x floor" + (f"; Tunix {fl['tunix_ms']:.1f} ms = {fl['tunix_over_floor']:.1f}x"
                                                           if fl.get("tunix_ms") else "")
               + f"  [compute floor {fl['compute_floor_ms']:.2f} ms at {res['matmul_peak_GFLOPs']:.0f} GFLOP/s]")
+    if "dot_stream_GBps_m8" in res and "8" in res["floor"]:
+        fl, r = res["floor"]["8"], res["dot_stream_GBps_m8"]
+        at_dot = fl["bytes"]["total"] / (r * 1e9) * 1000
+        print(f"  B=8 at the rate XLA's dots stream weights with 8 rows ({r:.1f} GB/s, measured here): {at_dot:.1f} ms; "
+              f"ours = {fl['ours_ms'] / at_dot:.2f}x that")
+    if "floor_long" in res:
+        fl, lc = res["floor_long"], res["long_cache"]
+        print(f"  long cache B={lc['B']} S={lc['S']}, {lc['live']} slots live: floor (weights + K/V of the live slots) "
+              f"{fl['floor_ms']:.2f} ms; ours {fl['ours_ms']:.1f} ms = {fl['ours_over_floor']:.1f}x; Tunix "
+              f"{fl['tunix_ms']:.1f} ms = {fl['tunix_over_floor']:.1f}x (Tunix reads all {lc['S']} slots)")
     print("ratios are speed ratios (ours/Tunix > 1: ours faster); sides ran one after the other on a shared "
           "machine: see the load column (other processes' busy cores, median)")
 
@@ -366,12 +425,17 @@ def main(argv=None):
             "prompts": rng.integers(lo, args.vocab, (args.rows, args.prompt_len)).tolist(), "pad_id": 0,
             "max_new_tokens": args.max_new_tokens, "cache_len": args.prompt_len + args.max_new_tokens,
             "cache_seed": 0, "greedy_tokens": args.greedy_tokens}
+    if args.long_cache not in ("", "0"):
+        B_, S_, live_ = (int(x) for x in args.long_cache.split(","))
+        data["long_cache"] = {"B": B_, "S": S_, "live": live_}
     res = {"machine": common.machine_info(), "args": {k: v for k, v in vars(args).items()}, "ckpt": ckpt,
            "arch": args.arch, "vocab": args.vocab, "cache_len": data["cache_len"]}
     with tempfile.TemporaryDirectory(prefix="vs_tunix_") as outdir:
         res["bandwidth"] = measure_bandwidth(args.bw_mib)
         res["matmul_peak_GFLOPs"] = measure_matmul_peak(256 if args.quick else 2048)
-        print(f"[bw] {res['bandwidth']}; matmul peak {res['matmul_peak_GFLOPs']:.1f} GFLOP/s", flush=True)
+        res["dot_stream_GBps_m8"] = measure_small_m_dot(args.arch)
+        print(f"[bw] {res['bandwidth']}; matmul peak {res['matmul_peak_GFLOPs']:.1f} GFLOP/s; weights streamed by "
+              f"[8, D] x [D, F] dots {res['dot_stream_GBps_m8']:.1f} GB/s", flush=True)
         cfg, res["ours"] = run_ours(args, ckpt, data, outdir)
         res["params"] = cfg.num_params()
         res["tunix"] = run_tunix(args, ckpt, cfg, data, outdir)
@@ -388,6 +452,13 @@ def main(argv=None):
             fl["tunix_ms"] = res["tunix"]["decode"][Bd]["ms"]
             fl["tunix_over_floor"] = fl["tunix_ms"] / fl["floor_ms"]
         res["floor"][Bd] = fl
+    if "decode_long" in res["ours"] and "decode_long" in res["tunix"]:
+        lc = res["long_cache"] = data["long_cache"]
+        by = decode_bytes(cfg, lc["B"], lc["live"])
+        fl = {"bytes": by, "floor_ms": 1000 * by["total"] / bw, "ours_ms": res["ours"]["decode_long"]["ms"],
+              "tunix_ms": res["tunix"]["decode_long"]["ms"]}
+        fl["ours_over_floor"], fl["tunix_over_floor"] = fl["ours_ms"] / fl["floor_ms"], fl["tunix_ms"] / fl["floor_ms"]
+        res["floor_long"] = fl
     res["ratios_ours_over_tunix"] = {
         "forward_tokens_per_s": res["ours"]["forward"]["tokens_per_s"] / res["tunix"]["forward"]["tokens_per_s"],
         "sample_tokens_per_s": res["ours"]["sample"]["tokens_per_s"] / res["tunix"]["sample"]["tokens_per_s"],
@@ -396,7 +467,8 @@ def main(argv=None):
     res["caveats"] = [
         "ours' sampler also computes log_softmax, top-8 candidates and their log-probs every position (OPD needs "
         "them); Tunix's top_p=1 path samples from logits/T only",
-        "both attend over the whole fixed cache (P + N slots) every step, whatever the filled length",
+        "at S <= qwen.KV_BLOCK (the S=160 rows) both attend over the whole fixed cache every step; on a longer cache "
+        "ours reads only the filled prefix (blocks of KV_BLOCK slots), Tunix all S slots (the long-cache row)",
         "the sides run one after the other in separate processes on a shared 2-core machine: see other_busy_cores",
         "floor = bytes that must be read once (weights + K/V of S slots) / best measured bandwidth; it ignores "
         "compute (B=64 is no longer memory-bound on 2 cores: see compute_floor_ms, 2 x params x B FLOPs over the "

@@ -92,6 +92,29 @@ def test_trip_counts_multiply_loop_bodies():
         assert cost.collectives["all-gather"]["bytes"] == matmuls * 256 * 256 * 2
 
 
+def test_slices_inside_nested_fusions_count_as_slices():
+    """The decode step's live-prefix attention (qwen._attend_live) reads blocks of the cache; the
+    TPU compiler slices each block inside a fusion nested in the attention fusion, and the walk
+    must count the blocks read (at most every block of the one layer: its loop's trip count is an
+    upper bound), not the whole [L, B, K, S, hd] cache per block."""
+    from opdjax.models import qwen
+    from opdjax.models.config import ModelConfig
+    mesh = _mesh()  # the arrays replicated: one chip's program
+    cfg = ModelConfig("qwen3", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=4,
+                      num_heads=8, num_kv_heads=4, head_dim=64)
+    L, B, S = 4, 8, 8 * qwen.KV_BLOCK
+    ks, vs = (_sds(mesh, (L, B, 4, S, 64), ()) for _ in range(2))
+    q = _sds(mesh, (B, 1, 8, 64), ())
+    valid = _sds(mesh, (B, S), (), jnp.bool_)
+    fn = lambda q, ks, vs, valid, live: qwen._attend_live(q, ks, vs, 2, valid, live[None] - 1, live, cfg, None)  # noqa: E731
+    compiled = jax.jit(fn).lower(q, ks, vs, valid, _sds(mesh, (), (), jnp.int32)).compile()
+    cost = hlo.analyze(compiled.as_text())
+    assert [lp["trip"] for lp in cost.loops] == [S // qwen.KV_BLOCK]
+    one_layer = 2 * B * 4 * S * 64 * 2  # K and V of one layer, bf16
+    assert cost.bytes <= 2 * one_layer  # the blocks (plus small things); whole caches per block: 16x more
+    assert cost.bytes >= one_layer
+
+
 def test_tiled_argument_bytes():
     text = ("entry_computation_layout={(f32[]{:T(128)}, bf16[300]{0:T(512)(128)(2,1)}, f32[3,5]{1,0:T(4,128)}, "
             "s32[2,3,5]{2,0,1:T(2,128)}, f32[1000]{0:T(1024)})->f32[]}")

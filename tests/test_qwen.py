@@ -135,6 +135,76 @@ def test_kv_cache_decode_equals_full_forward(tmp_path, name, left):
         np.testing.assert_allclose(np.stack([s[i] for s in step_logits]), ref[len(p):], atol=1e-5)
 
 
+def _prefill_then_decode(params, cfg, toks, mask, cont, size):
+    """Prefill (toks, mask) into a cache of `size` slots, then feed cont [B, N] one column per
+    jitted step: (prefill logits, [B, N, V] step logits, the cache left)."""
+    cache = qwen.init_cache(cfg, toks.shape[0], size)
+    first, cache = forward(params, jnp.asarray(toks), cfg, mask=jnp.asarray(mask), cache=cache)
+    step = jax.jit(lambda p, t, c: forward(p, t, cfg, cache=c))
+    steps = []
+    for t in range(cont.shape[1]):
+        lg, cache = step(params, jnp.asarray(cont[:, t:t + 1]), cache)
+        steps.append(np.asarray(lg[:, 0]))
+    return first, np.stack(steps, 1), cache
+
+
+@pytest.mark.parametrize("name", ["qwen3_gqa2_untied", "qwen2_gqa2_tied_bias"])
+def test_per_layer_weights_decode_equals_full_forward(tmp_path, name):
+    """The decode loop's layout (qwen.unstack_layers: a Python loop over per-layer weights, issue 17):
+    prefill and every decode step equal the full forward over the row's real tokens; the cache it
+    leaves equals the layer scan's; layer_transform is refused with it."""
+    model_type, kw = SHAPES[name]
+    _, params, cfg = load(tmp_path, model_type, kw)
+    per_layer = qwen.unstack_layers(params)
+    assert len(per_layer["layers"]) == cfg.num_layers and qwen.unstack_layers(per_layer) is per_layer
+    prompts = [tokens((n,), seed=n) for n in (3, 9, 6)]
+    toks, mask = _pad(prompts, 9, True)
+    cont = tokens((3, 5), seed=7)
+    caches = {}
+    for label, p in (("scan", params), ("per_layer", per_layer)):
+        first, steps, caches[label] = _prefill_then_decode(p, cfg, toks, mask, cont, 14)
+        for i, pr in enumerate(prompts):
+            ref = np.asarray(forward(params, jnp.asarray(np.concatenate([pr, cont[i]])[None]), cfg)[0][0])
+            np.testing.assert_allclose(np.asarray(first[i])[mask[i]], ref[:len(pr)], atol=1e-5)
+            np.testing.assert_allclose(steps[i], ref[len(pr):], atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0),
+                 caches["per_layer"], caches["scan"])
+    with pytest.raises(ValueError, match="stacked"):
+        qwen.apply(per_layer, jnp.asarray(toks), cfg, remat=True)
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["scan", "per_layer"])
+def test_decode_over_a_long_cache_reads_the_live_prefix(per_layer):
+    """A cache longer than KV_BLOCK: decode steps attend to the filled prefix in blocks
+    (`_attend_live`, a running softmax), including a last block that runs past the cache end, rows
+    with long left padding and a row whose prompt is one token. Every step's logits equal the full
+    forward; `_attend_live` alone equals `_attend` over all slots, zeros for a query that sees none."""
+    cfg = ModelConfig("qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    params = qwen.init_params(cfg, jax.random.key(0), std=0.3)
+    B, P, N = 3, qwen.KV_BLOCK + 44, 30  # S = 330: blocks [0, 256) and [74, 330) (slots < 256 masked)
+    toks = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 0, 97))
+    mask = np.arange(P)[None] >= np.array([[0], [120], [P - 1]])
+    cont = np.asarray(jax.random.randint(jax.random.key(2), (B, N), 0, 97))
+    p = qwen.unstack_layers(params) if per_layer else params
+    _, got, _ = _prefill_then_decode(p, cfg, toks, mask, cont, P + N)
+    full = np.concatenate([toks, cont], 1)
+    fmask = np.concatenate([mask, np.ones((B, N), bool)], 1)
+    ref = np.asarray(forward(params, jnp.asarray(full), cfg, mask=jnp.asarray(fmask))[0])[:, P:]
+    np.testing.assert_allclose(got, ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
+
+    S, K, hd = 600, cfg.num_kv_heads, cfg.head_dim
+    ks = jax.random.normal(jax.random.key(3), (2, B, K, S, hd))
+    vs = jax.random.normal(jax.random.key(4), (2, B, K, S, hd))
+    q = jax.random.normal(jax.random.key(5), (B, 1, cfg.num_heads, hd))
+    valid = jnp.asarray(np.random.default_rng(0).random((B, S)) < 0.7).at[2].set(False)  # row 2 sees nothing
+    live = 517  # the query sits at slot 516; slots after it must not count
+    ref = qwen._attend(q, ks[1].swapaxes(1, 2), vs[1].swapaxes(1, 2), valid, jnp.asarray([live - 1]), cfg, None)
+    out = qwen._attend_live(q, ks, vs, 1, valid, jnp.asarray([live - 1]), jnp.asarray(live), cfg, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    assert np.all(np.asarray(out)[2] == 0)
+
+
 def test_explicit_positions_override(tmp_path):
     """Positions given by the caller are used (here: an offset shifts every row the same way
     a prefix would for RoPE), and equal what transformers computes with position_ids."""

@@ -206,8 +206,8 @@ def test_presence_penalised_distribution_by_hand():
 def _np_sample_with_presence(toks, mask, key, s):
     """A NumPy sampler over full forwards (the model's logits recomputed from scratch at every
     step, in float64): penalise the tokens generated so far, filter (temperature, top-k, top-p),
-    then draw with the same random numbers as jax.random.categorical(fold_in(key, i), x), which
-    is argmax(x + Gumbel noise of that key)."""
+    then draw with the same random number as rollout.draw.categorical(fold_in(key, i), x): one
+    uniform u per row, the first token whose cumulative probability exceeds u."""
     B, P = toks.shape
     gen = np.zeros((B, 0), np.int32)
     appeared = np.zeros((B, CFG.vocab_size), bool)
@@ -219,8 +219,9 @@ def _np_sample_with_presence(toks, mask, key, s):
         logits, _ = qwen.forward(PARAMS, jnp.asarray(full), CFG, mask=jnp.asarray(fmask))
         z = np.asarray(logits, np.float64)[:, -1] - s.presence_penalty * appeared
         x = _np_filter(z, s.temperature, s.top_k, s.top_p)
-        g = np.asarray(jax.random.gumbel(jax.random.fold_in(key, i), x.shape, jnp.float32), np.float64)
-        token = np.argmax(x + g, -1).astype(np.int32)
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (B,), jnp.float32), np.float64)
+        cdf = np.cumsum(np.exp(_np_log_softmax(x)), -1)
+        token = np.argmax(cdf > u[:, None] * cdf[:, -1:], -1).astype(np.int32)
         out_tok.append(np.where(done, 0, token))
         out_real.append(~done)
         out_lp.append(np.take_along_axis(_np_log_softmax(x), token[:, None], -1)[:, 0])
@@ -290,3 +291,32 @@ def test_presence_penalty_zero_is_the_plain_sampler_and_range_is_checked():
     for bad in (2.5, -3.0, float("nan"), True, "1.5"):
         with pytest.raises(ValueError, match="eval.presence_penalty"):
             dataclasses.replace(base, presence_penalty=bad).check(40, section="eval")
+
+
+@pytest.mark.parametrize("temperature,cache_dtype", [(0.0, ""), (1.0, ""), (0.8, "bfloat16")])
+def test_decode_on_per_layer_weights_equals_the_layer_scan(monkeypatch, temperature, cache_dtype):
+    """Issue 17 changed how the decode loop runs (per-layer weights on CPU, a kv-head-major cache):
+    the tokens and every record equal those of the loop on the stacked weights' layer scan (the
+    pre-change structure, still TPU's and GPU's), the log-probs to float32 rounding of the logits."""
+    from opdjax.rollout import decode as decode_mod
+    toks, mask = _prompts()
+    s = SamplingSettings(max_new_tokens=12, temperature=temperature, candidates=4, stop_ids=(7,),
+                         cache_dtype=cache_dtype)
+    assert decode_mod.decode_on_per_layer_weights(None)  # this CPU takes the per-layer path
+    run = lambda: sample(PARAMS, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(5), CFG, s)  # noqa: E731
+    new = run()
+    monkeypatch.setattr(decode_mod, "decode_on_per_layer_weights", lambda plan: False)
+    jax.clear_caches()  # the jitted sampler must retrace with the layer scan
+    try:
+        old = run()
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()  # later tests must not get the layer-scan program from the cache
+    real = np.asarray(new.mask)
+    assert real.sum() > 20
+    for name in ("tokens", "mask", "topk_ids"):
+        np.testing.assert_array_equal(np.asarray(getattr(new, name)), np.asarray(getattr(old, name)), err_msg=name)
+    for name in ("logp_sampled", "logp_model", "topk_logp_sampled", "topk_logp_model"):
+        a, b = np.asarray(getattr(new, name)), np.asarray(getattr(old, name))
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+        np.testing.assert_allclose(a[np.isfinite(a)], b[np.isfinite(b)], atol=2e-5, err_msg=name)

@@ -312,15 +312,8 @@ def _fused_flops(comps, comp: Computation) -> float:
     return total
 
 
-def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
-    """Bytes a fusion reads and writes: sliced operands count their slices; an in-place
-    dynamic-update-slice root counts its update."""
-    fused = comps.get(ins.attr("calls") or "")
-    operand_bytes = [_value_bytes(op, comp) for op in ins.operands]
-    out_bytes = ins.bytes
-    if fused is None:
-        return sum(operand_bytes) + out_bytes
-    param_names = list(fused.params)
+def _users_and_params(fused: Computation):
+    """(instructions using each value, parameter name of each operand index) of a fused computation."""
     users = collections.defaultdict(list)
     for f in fused.instrs:
         for op in f.operands:
@@ -332,6 +325,42 @@ def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
             m = re.match(r"(\d+)", f.operands[0]) if f.operands else None
             if m:
                 by_index[int(m.group(1))] = f.name
+    param_names = list(fused.params)
+    return users, lambda i: by_index.get(i, param_names[i] if i < len(param_names) else None)
+
+
+def _sliced_bytes(comps, fused: Computation, pname: str | None, users, depth: int = 0) -> float | None:
+    """Bytes read from parameter `pname` of `fused` when every use only slices it, directly or as
+    an operand of a nested fusion that only slices it (the TPU compiler nests the slice of a
+    block out of a KV cache inside the attention fusion); None when some use reads it whole."""
+    uses = users.get(pname, []) if pname is not None else []
+    if not uses or depth > 8:
+        return None
+    total = 0.0
+    for u in uses:
+        if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname:
+            total += u.bytes
+        elif u.opcode == "fusion" and u.operands.count(pname) == 1 and comps.get(u.attr("calls") or ""):
+            inner = comps[u.attr("calls")]
+            inner_users, param_at = _users_and_params(inner)
+            got = _sliced_bytes(comps, inner, param_at(u.operands.index(pname)), inner_users, depth + 1)
+            if got is None:
+                return None
+            total += got
+        else:
+            return None
+    return total
+
+
+def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
+    """Bytes a fusion reads and writes: sliced operands (also inside nested fusions) count their
+    slices; an in-place dynamic-update-slice root counts its update."""
+    fused = comps.get(ins.attr("calls") or "")
+    operand_bytes = [_value_bytes(op, comp) for op in ins.operands]
+    out_bytes = ins.bytes
+    if fused is None:
+        return sum(operand_bytes) + out_bytes
+    users, param_at = _users_and_params(fused)
     root = fused.root
     inplace = None
     if root.opcode == "dynamic-update-slice":
@@ -339,14 +368,12 @@ def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
         out_bytes = _value_bytes(root.operands[1], fused)
     total = out_bytes
     for i, nbytes in enumerate(operand_bytes):
-        pname = by_index.get(i, param_names[i] if i < len(param_names) else None)
+        pname = param_at(i)
         uses = users.get(pname, [])
         if pname is not None and pname == inplace and all(u is root for u in uses):
             continue  # the buffer updated in place: only the update is written
-        if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in uses):
-            total += sum(u.bytes for u in uses)
-        else:
-            total += nbytes
+        sliced = _sliced_bytes(comps, fused, pname, users)
+        total += nbytes if sliced is None else sliced
     return total
 
 

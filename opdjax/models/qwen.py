@@ -3,10 +3,14 @@
     params = {"embed": [V, D], "final_norm": [D], ("lm_head": [V, D] if untied),
               "layers": {name: [L, ...]}}            (layers stacked, run with lax.scan)
 
+(`unstack_layers` turns "layers" into a tuple of per-layer dicts, run as a Python loop: the CPU
+decode loop's layout, see its docstring.)
+
 One code path serves the full forward, prefill and decode: `apply` takes T new tokens and an
 optional fixed-size KV cache. Without a cache the keys are the new tokens themselves; with one,
 the new keys/values are written at slots [index, index+T) and the queries attend to every
-valid slot at or before their own. Per-row positions come from the padding mask, so left- and
+valid slot at or before their own (a one-token decode step over a cache longer than KV_BLOCK
+reads only the filled blocks of it). Per-row positions come from the padding mask, so left- and
 right-padded rows give the same logits as the unpadded row. Without a cache, `cfg.attention`
 may hand attention to a fused kernel (splash on TPU, cuDNN on GPU: opdjax.models.attention).
 
@@ -47,7 +51,10 @@ LAYER_AXES = {
     "up": ("layers", "embed", "mlp"),
     "down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+# Keys/values kv-head-major, [L, B, K, S, hd]: attention reads a layer's [B, K, S, hd] as its dot
+# operand as stored (with [.., S, K, hd] XLA copied a transposed K and V out of the cache, per layer
+# and per decode step).
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 # Query rows per attention block when T is longer (a static size; see `apply`'s attn_chunk).
 # float32 scores are then [B, H, ATTN_CHUNK, S] at a time rather than [B, H, T, S].
@@ -59,6 +66,11 @@ ATTN_CHUNK = 512
 # falls back to the lax.map over query blocks (a program that does not grow with T).
 ATTN_BLOCK = 128
 ATTN_MAX_BLOCKS = 16
+# A decode step (one new token per row) over a cache longer than KV_BLOCK slots attends to the
+# filled prefix only, in blocks of KV_BLOCK slots read straight from the cache (`_attend_live`):
+# its K/V traffic follows the live length, not the cache size (at real lengths the cache, not the
+# weights, is most of what a step reads).
+KV_BLOCK = 256
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -122,8 +134,8 @@ def _init_params(cfg: ModelConfig, key: jax.Array, dtype, std: float) -> Params:
 class KVCache(NamedTuple):
     """Fixed-size KV cache. All rows write at the same slot `index`; rows differ by which slots
     are `valid` (padding is never valid) and by their own next position."""
-    k: jax.Array  # [L, B, S, K, hd]
-    v: jax.Array  # [L, B, S, K, hd]
+    k: jax.Array  # [L, B, K, S, hd] (CACHE_AXES)
+    v: jax.Array  # [L, B, K, S, hd]
     valid: jax.Array  # [B, S] bool: slot holds a real token
     index: jax.Array  # [] int32: next slot to write
     next_pos: jax.Array  # [B] int32: position of each row's next real token
@@ -131,7 +143,7 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
                    jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
@@ -264,35 +276,41 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
     q = constrain(plan, q, ("batch", "length", "act_heads", "head_dim"))
 
     if layer_cache is None:
-        keys, values, new_cache = k, v, None
+        # Without a cache the keys are the new tokens, put kv-head-major like the cache.
+        keys, values, new_cache = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None
     else:
-        # The whole [L, B, S, K, hd] cache rides in the layer scan's carry: this layer writes its
+        # The whole [L, B, K, S, hd] cache rides in the layer loop's carry: this layer writes its
         # T new slots into it in place and reads its own layer back. (As scanned-over inputs and
         # outputs, XLA kept an input and an output copy of the cache and copied every layer out
         # and back in each decode step: the TPU compiler showed 2 extra caches of HBM.)
         ks, vs, layer = layer_cache
-        ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (layer, 0, index, 0, 0))
-        vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (layer, 0, index, 0, 0))
-        keys = jax.lax.dynamic_index_in_dim(ks, layer, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(vs, layer, keepdims=False)
+        kv_major = lambda a, c: a.astype(c.dtype).transpose(0, 2, 1, 3)[None]  # noqa: E731  [1, B, K, T, hd]
+        ks = jax.lax.dynamic_update_slice(ks, kv_major(k, ks), (layer, 0, 0, index, 0))
+        vs = jax.lax.dynamic_update_slice(vs, kv_major(v, vs), (layer, 0, 0, index, 0))
         new_cache = (ks, vs)
+        keys = jax.lax.dynamic_index_in_dim(ks, layer, keepdims=False)  # [B, K, S, hd]
+        values = jax.lax.dynamic_index_in_dim(vs, layer, keepdims=False)
+    # A one-token decode step over a long cache reads its blocks in `_attend_live` (see KV_BLOCK).
+    live_prefix = layer_cache is not None and T == 1 and keys.shape[2] > KV_BLOCK
     keys = keys.astype(q.dtype)
 
     max_block = T if attn_chunk is None else attn_chunk
     block = min(max_block, max(ATTN_BLOCK, -(-T // ATTN_MAX_BLOCKS)))
-    if layer_cache is None and cfg.attention != "xla":
+    if live_prefix:  # blocks read from the cache itself (the layer slices above are dead code to XLA)
+        out = _attend_live(q, ks, vs, layer, key_valid, q_slots, index + T, cfg, plan)
+    elif layer_cache is None and cfg.attention != "xla":
         # A fused kernel (splash on TPU, cuDNN on GPU; see opdjax.models.attention): without a
         # cache the keys are the queries' own tokens, so key_valid is the row's padding mask.
-        out = attention.attend_full(q, keys, values, key_valid, cfg, plan)
+        out = attention.attend_full(q, k.astype(q.dtype), v, key_valid, cfg, plan)
         out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
     elif layer_cache is None and T > block and T <= block * ATTN_MAX_BLOCKS:
         # Causal block skipping (see ATTN_BLOCK): block [t0, t1) against keys [0, t1).
-        outs = [_attend(q[:, t0:t0 + block], keys[:, :t0 + block], values[:, :t0 + block],
-                        key_valid[:, :t0 + block], q_slots[t0:t0 + block], cfg, plan)
+        outs = [_attend_kv_major(q[:, t0:t0 + block], keys[:, :, :t0 + block], values[:, :, :t0 + block],
+                                 key_valid[:, :t0 + block], q_slots[t0:t0 + block], cfg, plan)
                 for t0 in range(0, T, block)]
         out = constrain(plan, jnp.concatenate(outs, axis=1), ("batch", "length", "act_heads", "head_dim"))
     elif attn_chunk is None or T <= attn_chunk:
-        out = _attend(q, keys, values, key_valid, q_slots, cfg, plan)
+        out = _attend_kv_major(q, keys, values, key_valid, q_slots, cfg, plan)
     else:
         # Query blocks of `attn_chunk` rows, one at a time (lax.map: the program does not grow
         # with T), each against all S keys: scores are [B, K, G, c, S] instead of [.., T, S].
@@ -302,7 +320,7 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
         pad = n * c - T
         q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, c, *q.shape[2:]).swapaxes(0, 1)
         slot_blocks = jnp.pad(q_slots, (0, pad), mode="edge").reshape(n, c)
-        out = jax.lax.map(lambda a: _attend(a[0], keys, values, key_valid, a[1], cfg, plan),
+        out = jax.lax.map(lambda a: _attend_kv_major(a[0], keys, values, key_valid, a[1], cfg, plan),
                           (q_blocks, slot_blocks))
         out = out.swapaxes(0, 1).reshape(B, n * c, *out.shape[3:])[:, :T]
         out = constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
@@ -315,24 +333,77 @@ def _attention(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg: Mod
 def _attend(q, keys, values, key_valid, q_slots, cfg: ModelConfig, plan):
     """Attention of queries q [B, t, H, hd] at cache slots q_slots [t] to keys/values
     [B, S, K, hd]: a query sees the valid slots at or before its own. Returns [B, t, H, hd]."""
+    return _attend_kv_major(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), key_valid, q_slots,
+                            cfg, plan)
+
+
+def _attend_kv_major(q, kh, vh, key_valid, q_slots, cfg: ModelConfig, plan):
+    """`_attend` with keys/values kv-head-major, [B, K, S, hd] (the cache's layout)."""
     B, T = q.shape[:2]
     K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
-    S = keys.shape[1]
+    S = kh.shape[2]
     q = constrain(plan, q, ("batch", "length", "act_heads", "head_dim"))
     # Grouped-query attention without repeating K/V: query head h = kv_head * G + g, computed as
     # [B, K, G, T, hd] x [B, K, S, hd] (batch dims leading). The mask is an additive float32 bias
     # (0 or finfo.min, a finite floor: fully masked rows of padding queries stay finite), not a
     # select, so XLA can fuse scores, mask, softmax and the PV product (README, "Performance").
     qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
-    kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
     visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slots[None, :, None])  # [B,T,S]
     bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
     scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    probs = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(vh.dtype)
     out = _mm("bkgts,bksd->bkgtd", probs, vh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, hd)
     # Queries that see no key at all (left padding) get zeros, whatever S: so blocks that skip
     # keys give the same result as one block (a uniform average would depend on S).
     out = jnp.where(visible.any(axis=-1)[:, :, None, None], out, 0)
+    return constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
+
+
+def _attend_live(q, ks, vs, layer, key_valid, q_slots, live, cfg: ModelConfig, plan):
+    """`_attend` of one query per row against layer `layer` of the whole cache ks, vs
+    [L, B, K, S, hd], reading only the blocks of KV_BLOCK slots up to slot `live` - 1 (the filled
+    prefix; a traced bound, so a while loop over blocks) with a running softmax: the maximum,
+    the sum and the weighted values are rescaled as each block raises the maximum (as flash
+    attention does). Same result as `_attend` over all S slots, up to float rounding: slots at or
+    after `live` are never visible to the query anyway. Returns [B, 1, H, hd]."""
+    B, T = q.shape[:2]
+    K, G, hd = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    S, n = ks.shape[3], KV_BLOCK
+    qh = constrain(plan, q, ("batch", "length", "act_heads", "head_dim")).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+
+    def block(j, carry):
+        m, total, acc, seen = carry
+        # The last block may run past S: it is read from S - n instead, its already-seen slots masked.
+        start = jnp.minimum(j * n, S - n)
+        kb = jax.lax.dynamic_slice(ks, (layer, 0, 0, start, 0), (1, B, K, n, hd))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(vs, (layer, 0, 0, start, 0), (1, B, K, n, hd))[0]
+        slots = start + jnp.arange(n)
+        visible = (jax.lax.dynamic_slice_in_dim(key_valid, start, n, axis=1)[:, None, :]
+                   & (slots[None, None, :] <= q_slots[None, :, None]) & (slots >= j * n)[None, None, :])  # [B,T,n]
+        scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kb, preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # nothing visible yet: keep every term 0
+        p = jnp.exp(scores - shift[..., None])
+        rescale = jnp.exp(m - shift)
+        total = total * rescale + p.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p.astype(vb.dtype), vb,
+                                                    preferred_element_type=jnp.float32)
+        return m_new, total, acc, seen | visible.any(axis=-1)
+
+    init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, hd), jnp.float32), jnp.zeros((B, T), bool))
+    # `j < ceil(S / n)` in the condition is redundant at run time; it gives the loop a constant
+    # upper bound, which the HLO cost walker (aot/hlo.py) reads as its trip count (as the decode
+    # loop's), so compiled rooflines count the whole cache: an upper bound, not one block.
+    live_blocks = (live + n - 1) // n
+    _, _, total, acc, seen = jax.lax.while_loop(
+        lambda c: (c[0] < live_blocks) & (c[0] < -(-S // n)),
+        lambda c: (c[0] + 1, *block(c[0], c[1:])), (jnp.zeros((), jnp.int32), *init))
+    out = (acc / jnp.where(total > 0, total, 1.0)[..., None]).astype(vs.dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, hd)
+    # A query that sees no slot at all gets zeros, as in `_attend`.
+    out = jnp.where(seen[:, :, None, None], out, 0)
     return constrain(plan, out, ("batch", "length", "act_heads", "head_dim"))
 
 
@@ -424,7 +495,17 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
         return _decoder_layer(x, lp, cos, sin, key_valid, q_slots, layer_cache, index, cfg, plan,
                               attn_chunk, delta)
 
-    if cache is None:
+    if isinstance(params["layers"], (tuple, list)):
+        # Per-layer weights (`unstack_layers`, the decode loop's layout): a Python loop over layers.
+        if layer_transform is not None or remat:
+            raise ValueError("layer_transform and remat need the stacked [L, ...] layers, not unstack_layers' tuple.")
+        ks, vs = (None, None) if cache is None else (cache.k, cache.v)
+        for i, lp in enumerate(params["layers"]):
+            x, kv = layer(x, lp, None, None if cache is None else (ks, vs, i))
+            ks, vs = (None, None) if cache is None else kv
+        new_cache = None if cache is None else KVCache(
+            ks, vs, key_valid, index + T, cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
+    elif cache is None:
         def body(x, scanned):
             return layer(x, *scanned, None)[0], None
 
@@ -443,6 +524,29 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Arra
         new_cache = KVCache(ks, vs, key_valid, index + T, cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return x, new_cache
+
+
+def unstack_layers(params: Params, plan: ShardingPlan | None = None) -> Params:
+    """params with "layers" as a tuple of L per-layer dicts (each leaf without its leading L axis),
+    which `apply` runs as a Python loop over layers: the decode loop's layout (rollout.decode).
+
+    Why: in a memory-bound decode step, `lax.scan` over the stacked [L, ...] weights makes XLA CPU
+    copy each layer's weights out of the stack on every step (a dynamic-slice its dot kernels cannot
+    take as an operand): every weight byte written and read twice more per token. Slicing once,
+    before the decode loop, costs one copy of the layer weights for the duration of a generate call
+    (measured: bench/bench_vs_tunix.py, README "Performance"). Slicing inside the loop with static
+    indices, or unrolling the scan, does not help: XLA then keeps all L slices live at once."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = next(iter(layers.values())).shape[0]
+    per_layer = []
+    for i in range(n):
+        lp = {name: a[i] for name, a in layers.items()}
+        if plan is not None:
+            lp = {name: plan.constrain(a, LAYER_AXES[name][1:]) for name, a in lp.items()}
+        per_layer.append(lp)
+    return {**params, "layers": tuple(per_layer)}
 
 
 def unembedding(params: Params) -> jax.Array:

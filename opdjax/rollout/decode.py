@@ -22,6 +22,20 @@ from opdjax.sharding import ShardingPlan
 Choose = Callable[[jax.Array, tuple, Any], tuple[jax.Array, tuple, Any]]
 
 
+def decode_on_per_layer_weights(plan: ShardingPlan | None) -> bool:
+    """Whether the decode loop runs on `qwen.unstack_layers` weights: on CPU only. XLA CPU cannot
+    feed a dynamic-slice of the stacked [L, ...] weights to its dot kernels, so the layer scan copies
+    every layer's weights out of the stack on every step (bench_vs_tunix.py: 201 MB per step at
+    75.5M params). The TPU compiler fuses that slice into the matmul (checked, v5p: no weight copy in
+    the loop), so per-layer weights would only add a copy of them (+33 MB temp at the bench's shape,
+    bf16). GPU keeps the layer scan too: not measured (no GPU was lent to this work), and the copy
+    would cost accelerator memory (Qwen3-8B synthesis on H100: +14 GiB)."""
+    mesh = getattr(plan, "mesh", None)
+    devices = getattr(mesh, "devices", None)
+    platform = devices.flat[0].platform if devices is not None else jax.default_backend()
+    return platform == "cpu"
+
+
 def last_real_index(mask: jax.Array) -> jax.Array:
     """Index of each row's last real token (works for left and right padding)."""
     T = mask.shape[1]
@@ -90,12 +104,16 @@ def decode(params, contexts: Sequence[tuple[jax.Array, jax.Array]], cfg: ModelCo
         bufs = tuple(jax.lax.dynamic_update_index_in_dim(b, r.astype(b.dtype), i, axis=0) for b, r in zip(bufs, row))
         logits, new_caches = [], []
         for cache in caches:
-            step_logits, cache = qwen.forward(params, emitted[:, None], cfg, mask=real[:, None], cache=cache, plan=plan)
+            step_logits, cache = qwen.forward(step_params, emitted[:, None], cfg, mask=real[:, None], cache=cache,
+                                              plan=plan)
             logits.append(step_logits[:, 0])
             new_caches.append(cache)
         token, records, state = choose(i + 1, tuple(logits), state)
         return i + 1, tuple(new_caches), (token, records), state, done, bufs
 
+    # On CPU the loop's steps run on per-layer weights, sliced out of the [L, ...] stack once here
+    # rather than by the layer scan on every step (qwen.unstack_layers: the step is memory-bound).
+    step_params = qwen.unstack_layers(params, plan) if decode_on_per_layer_weights(plan) else params
     carry = (jnp.zeros((), jnp.int32), caches, (token, records), state, jnp.zeros((B,), bool), bufs)
     *_, bufs = jax.lax.while_loop(cond, body, carry)
     tokens, mask, *records = (b.swapaxes(0, 1) for b in bufs)

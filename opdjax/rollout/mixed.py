@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from opdjax.models.config import ModelConfig
+from opdjax.rollout import draw
 from opdjax.rollout.decode import decode
 from opdjax.rollout.sampler import SamplingSettings, sampling_logits
 from opdjax.sharding import ShardingPlan
@@ -126,17 +127,17 @@ def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.A
     tau = float(settings.accept_threshold)
     B = student_logits.shape[0]
     if tau == 0.0:
-        return jax.random.categorical(key, p_logits, axis=-1).astype(jnp.int32), jnp.zeros((B,), bool)
+        return draw.categorical(key, p_logits).astype(jnp.int32), jnp.zeros((B,), bool)
     if tau == 1.0:
-        return jax.random.categorical(key, v_logits, axis=-1).astype(jnp.int32), jnp.ones((B,), bool)
+        return draw.categorical(key, v_logits).astype(jnp.int32), jnp.ones((B,), bool)
     R = settings.retries
     keys = [key] + [jax.random.fold_in(key, j) for j in range(1, R)]
-    cands = jnp.stack([jax.random.categorical(k, p_logits, axis=-1) for k in keys])  # [R, B]
+    cands = jnp.stack([draw.categorical(k, p_logits) for k in keys])  # [R, B]
     v = expert_top_probs(expert_logits, settings.top_n, banned)  # banned ids at 0, not renormalised
     accepted = jnp.take_along_axis(v, cands.T, axis=-1).T >= tau  # [R, B]
     first = jnp.argmax(accepted, axis=0)  # the first accepted try (0 when none is)
     any_accepted = jnp.any(accepted, axis=0)
-    fallback = jax.random.categorical(jax.random.fold_in(key, R), v_logits, axis=-1)
+    fallback = draw.categorical(jax.random.fold_in(key, R), v_logits)
     token = jnp.where(any_accepted, jnp.take_along_axis(cands, first[None], axis=0)[0], fallback)
     return token.astype(jnp.int32), ~any_accepted
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from opdjax.models.config import ModelConfig
+from opdjax.rollout import draw
 from opdjax.rollout.decode import decode
 from opdjax.sharding import ShardingPlan
 
@@ -134,7 +135,7 @@ def _choose(logits: jax.Array, key: jax.Array, s: SamplingSettings, appeared: ja
     else:
         x = sampling_logits(chosen_from, s)
         sampled_logp = jax.nn.log_softmax(x, axis=-1)
-        token = jax.random.categorical(key, x, axis=-1)
+        token = draw.categorical(key, x)
     token = token.astype(jnp.int32)
     pick = lambda a: jnp.take_along_axis(a, token[:, None], axis=-1)[:, 0]
     del cand_logit

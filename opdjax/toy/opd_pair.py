@@ -41,6 +41,7 @@ from opdjax.toy import arithmetic
 from opdjax.data.tokenizer import build_toy_tokenizer, check_same_tokenizer, encode_chat, load_tokenizer
 from opdjax.models import hf_io, qwen
 from opdjax.models.config import ModelConfig
+from opdjax.rollout import draw
 from opdjax.rollout.decode import decode
 from opdjax.rollout.greedy import greedy_generate
 
@@ -205,10 +206,11 @@ def train(cfg: ModelConfig, data, spec: TrainSpec, seed: int, log_every: int = 1
 def sample_generate(params, prompt, prompt_mask, cfg: ModelConfig, key, *, max_new_tokens: int,
                     eos_id, temperature, pad_id: int = 0):
     """Like greedy_generate, sampling at `temperature` (> 0) instead of the argmax. Each step
-    splits the carried key (the shipped BUILD.json's sampled evaluation was drawn this way)."""
+    splits the carried key (the shipped BUILD.json's sampled evaluation was drawn this way, with
+    jax.random.categorical's Gumbel draw then; rollout.draw's inverse CDF since issue 17)."""
     def choose(i, logits, key):
         key, sub = jax.random.split(key)
-        return jax.random.categorical(sub, logits[0] / temperature).astype(prompt.dtype), (), key
+        return draw.categorical(sub, logits[0] / temperature).astype(prompt.dtype), (), key
 
     tokens, mask, _ = decode(params, [(prompt, prompt_mask)], cfg, choose, key, max_new_tokens=max_new_tokens,
                              stop_ids=eos_id, pad_id=pad_id)
