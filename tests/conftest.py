@@ -19,6 +19,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tempfile  # noqa: E402
 
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="opdjax-tests-tfds-")
+# One persistent XLA compilation cache per test session (subprocess jobs inherit it; the pod tests'
+# workers do not: tests/pod.py gives them a clean environment). The programs that
+# _release_compiled_programs below drops are often compiled again by a later module or job (a run
+# and its resume, one config at several step counts): those now load from disk. A hit runs the
+# executable the compiler would have produced (the key covers the program, the devices and the
+# compile options), so no test sees a different number. JAX_COMPILATION_CACHE_DIR="" turns it off.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opdjax-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 
@@ -40,3 +50,10 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's compilation cache (hundreds of MB after the integration stage)."""
+    if _OWN_XLA_CACHE:
+        import shutil
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
