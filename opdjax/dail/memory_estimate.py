@@ -95,7 +95,7 @@ def estimate_dail_memory(config, cfg: ModelConfig, *, num_devices: int, chip: st
     # synthesis -------------------------------------------------------------------------------
     if synthesis:
         rows = int(config.synthesis.problems_per_batch) * int(config.synthesis.num_samples)
-        cache_shape = (cfg.num_layers, rows, cfg.num_kv_heads, T, cfg.head_dim)  # qwen.CACHE_AXES
+        cache_shape = qwen.cache_shape(cfg, rows, T)
         c_dtype = config.rollout.cache_dtype or dt
         cache = 2 * 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * _ITEMSIZE[c_dtype]
         add("two KV caches", "rollout", cache, _fmt_shape(cache_shape, c_dtype, 4), sh.describe(cache_shape, qwen.CACHE_AXES))

@@ -141,9 +141,14 @@ class KVCache(NamedTuple):
     next_pos: jax.Array  # [B] int32: position of each row's next real token
 
 
+def cache_shape(cfg: ModelConfig, batch: int, size: int) -> tuple[int, ...]:
+    """Shape of KVCache.k / .v (CACHE_AXES): the one place the cache layout is written."""
+    return (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
+
+
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
+    shape = cache_shape(cfg, batch, size)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
                    jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 

@@ -127,9 +127,9 @@ def choose_mixed(student_logits: jax.Array, expert_logits: jax.Array, key: jax.A
     tau = float(settings.accept_threshold)
     B = student_logits.shape[0]
     if tau == 0.0:
-        return draw.categorical(key, p_logits).astype(jnp.int32), jnp.zeros((B,), bool)
+        return draw.categorical(key, p_logits), jnp.zeros((B,), bool)
     if tau == 1.0:
-        return draw.categorical(key, v_logits).astype(jnp.int32), jnp.ones((B,), bool)
+        return draw.categorical(key, v_logits), jnp.ones((B,), bool)
     R = settings.retries
     keys = [key] + [jax.random.fold_in(key, j) for j in range(1, R)]
     cands = jnp.stack([draw.categorical(k, p_logits) for k in keys])  # [R, B]

@@ -309,7 +309,7 @@ def estimate_memory(config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, 
         tp_how)
 
     # rollout ---------------------------------------------------------------------------------
-    cache_shape = (S.num_layers, rollout_rows, S.num_kv_heads, T, S.head_dim)  # qwen.CACHE_AXES
+    cache_shape = qwen.cache_shape(S, rollout_rows, T)
     c_dtype = config.rollout.get("cache_dtype", "") or s_dtype
     cache = 2 * sh.elements(cache_shape, qwen.CACHE_AXES) * _ITEMSIZE[c_dtype]
     cache += sh.elements((rollout_rows, T), ("batch", "cache_length"))  # valid mask, bool
